@@ -1,0 +1,1 @@
+"""Shared plumbing used by every service: settings, Kafka I/O, batching, gRPC server, metrics."""

@@ -1,0 +1,32 @@
+"""Prometheus metrics shared by every service (served on metrics_port at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+EVENTS_CONSUMED = Counter(
+    "callstream_events_consumed_total", "Kafka records taken from an input topic", ["service", "topic"]
+)
+EVENTS_PRODUCED = Counter(
+    "callstream_events_produced_total", "Results acknowledged by the broker", ["service", "topic"]
+)
+EVENTS_DEAD_LETTERED = Counter(
+    "callstream_events_dead_lettered_total", "Records sent to a dead-letter topic", ["service", "topic", "error_type"]
+)
+EVENT_SECONDS = Histogram(
+    "callstream_event_processing_seconds", "Time from taking a record to its result", ["service"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+RPC_SECONDS = Histogram("callstream_rpc_seconds", "gRPC handler time", ["service", "method", "code"])
+BATCH_SIZE = Histogram(
+    "callstream_batch_size", "Items per model batch", ["batcher"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+BATCH_SECONDS = Histogram("callstream_batch_seconds", "Model time per batch", ["batcher"])
+BATCH_QUEUE_SECONDS = Histogram("callstream_batch_queue_seconds", "Time an item waited for its batch", ["batcher"])
+BATCH_QUEUE_DEPTH = Gauge("callstream_batch_queue_depth", "Items waiting for a batch", ["batcher"])
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Expose /metrics over HTTP; port 0 disables it."""
+    if port:
+        start_http_server(port, addr=host)
