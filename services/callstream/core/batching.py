@@ -5,13 +5,15 @@ waiting or `max_wait_ms` has passed since the first one, then runs the model fun
 batch in a worker thread (so the event loop keeps serving gRPC and Kafka while the model runs).
 New items queue up while a batch runs and form the next batch: the model is never idle while work waits.
 
-If the batch function raises, each item is retried on its own so that one bad input fails alone
-instead of failing its batch-mates.
+A batch function reports a per-item failure by returning the exception in that item's place; if it
+raises instead, each item is retried on its own so that one bad input fails alone instead of failing its
+batch-mates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +38,7 @@ class DynamicBatcher(Generic[In, Out]):
 
     def __init__(
         self,
-        batch_fn: Callable[[Sequence[In]], Sequence[Out]],
+        batch_fn: Callable[[Sequence[In]], Sequence[Out | BaseException]],
         *,
         name: str,
         max_batch_size: int = 8,
@@ -61,10 +63,8 @@ class DynamicBatcher(Generic[In, Out]):
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except asyncio.CancelledError:
-                pass
             self._worker = None
         self._executor.shutdown(wait=True, cancel_futures=True)
 
@@ -110,8 +110,7 @@ class DynamicBatcher(Generic[In, Out]):
             try:
                 outputs = await loop.run_in_executor(self._executor, self._call, items)
                 for pending, output in zip(batch, outputs, strict=True):
-                    if not pending.future.done():
-                        pending.future.set_result(output)
+                    _deliver(pending, output)
             except Exception as exc:  # noqa: BLE001 - isolate the failing item below
                 if len(batch) == 1:
                     if not batch[0].future.done():
@@ -125,14 +124,22 @@ class DynamicBatcher(Generic[In, Out]):
         for pending in batch:
             try:
                 (output,) = await loop.run_in_executor(self._executor, self._call, [pending.item])
-                if not pending.future.done():
-                    pending.future.set_result(output)
+                _deliver(pending, output)
             except Exception as exc:  # noqa: BLE001 - delivered to the caller
                 if not pending.future.done():
                     pending.future.set_exception(exc)
 
-    def _call(self, items: list[In]) -> Sequence[Out]:
+    def _call(self, items: list[In]) -> Sequence[Out | BaseException]:
         outputs = self._batch_fn(items)
         if len(outputs) != len(items):
             raise RuntimeError(f"{self.name}: batch function returned {len(outputs)} outputs for {len(items)} inputs")
         return outputs
+
+
+def _deliver(pending: _Pending[In, Out], output: Out | BaseException) -> None:
+    if pending.future.done():
+        return
+    if isinstance(output, BaseException):
+        pending.future.set_exception(output)
+    else:
+        pending.future.set_result(output)

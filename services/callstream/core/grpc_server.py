@@ -8,6 +8,7 @@ without .proto files; SIGTERM/SIGINT stop accepting RPCs and give in-flight ones
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -86,8 +87,9 @@ class _MetricsInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def build_server(name: str, grpc_services: Sequence[GrpcService], options: Sequence[tuple[str, Any]] = ()
-                 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def build_server(
+    name: str, grpc_services: Sequence[GrpcService], options: Sequence[tuple[str, Any]] = ()
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     server = grpc.aio.server(
         interceptors=[_MetricsInterceptor(name)],
         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024), *options],
@@ -109,18 +111,18 @@ async def set_health(health_servicer: health.aio.HealthServicer, names: Sequence
         await health_servicer.set(n, status)
 
 
-async def run_service(runtime: ServiceRuntime, ready: asyncio.Event | None = None,
-                      stop: asyncio.Event | None = None) -> None:
+async def run_service(
+    runtime: ServiceRuntime, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Start components and the gRPC server, serve until SIGTERM/SIGINT (or `stop`), then shut down cleanly."""
     settings = runtime.settings
     metrics.serve_metrics(settings.metrics_port, settings.grpc_host)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        # Not possible outside the main thread (tests run services in-process).
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
 
     server, health_servicer = build_server(runtime.name, runtime.grpc_services)
     address = f"{settings.grpc_host}:{settings.grpc_port}"

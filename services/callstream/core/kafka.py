@@ -13,6 +13,7 @@ A crash anywhere before the commit means the batch is consumed again: duplicates
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -83,16 +84,18 @@ async def ensure_topics(
     try:
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(t, num_partitions=partitions, replication_factor=1,
-                     topic_configs={"max.message.bytes": str(max_message_bytes)})
+            NewTopic(
+                t,
+                num_partitions=partitions,
+                replication_factor=1,
+                topic_configs={"max.message.bytes": str(max_message_bytes)},
+            )
             for t in topics
             if t not in existing
         ]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 
@@ -203,8 +206,10 @@ class KafkaProcessor:
         for out in (o for outs in outputs for o in outs):
             headers = codec.headers_for(out.message) + out.headers
             acks.append(
-                (out.topic, await self._producer.send(out.topic, codec.encode(out.message), key=out.key,
-                                                      headers=headers))
+                (
+                    out.topic,
+                    await self._producer.send(out.topic, codec.encode(out.message), key=out.key, headers=headers),
+                )
             )
         for topic, ack in acks:
             await ack  # raises if the broker did not take it: then nothing below is committed
@@ -235,7 +240,12 @@ class KafkaProcessor:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a dead letter, never a loss
             log.warning(
                 "%s: dead-lettering %s[%d]@%d: %s: %s",
-                self.service, record.topic, record.partition, record.offset, type(exc).__name__, exc,
+                self.service,
+                record.topic,
+                record.partition,
+                record.offset,
+                type(exc).__name__,
+                exc,
                 exc_info=not isinstance(exc, Exception) or log.isEnabledFor(logging.DEBUG),
             )
             metrics.EVENTS_DEAD_LETTERED.labels(self.service, record.topic, type(exc).__name__).inc()

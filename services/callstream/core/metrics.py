@@ -14,7 +14,9 @@ EVENTS_DEAD_LETTERED = Counter(
     "callstream_events_dead_lettered_total", "Records sent to a dead-letter topic", ["service", "topic", "error_type"]
 )
 EVENT_SECONDS = Histogram(
-    "callstream_event_processing_seconds", "Time from taking a record to its result", ["service"],
+    "callstream_event_processing_seconds",
+    "Time from taking a record to its result",
+    ["service"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 RPC_SECONDS = Histogram("callstream_rpc_seconds", "gRPC handler time", ["service", "method", "code"])

@@ -57,8 +57,10 @@ class TopicSettings(BaseModel):
             self.tickets_routed,
             self.tickets_summarized,
         ]
-        return base + [self.dlq(t) for t in (self.calls_recorded, self.calls_transcribed, self.tickets_created,
-                                             self.tickets_routed)]
+        return base + [
+            self.dlq(t)
+            for t in (self.calls_recorded, self.calls_transcribed, self.tickets_created, self.tickets_routed)
+        ]
 
 
 class BatchSettings(BaseModel):
