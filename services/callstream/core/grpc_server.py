@@ -157,3 +157,15 @@ async def run_service(
                 await component.stop()
             except Exception:  # noqa: BLE001 - keep stopping the rest
                 log.exception("%s: error while stopping %r", runtime.name, component)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Answer an RPC with the status that fits the error (see core.errors): never a bare UNKNOWN."""
+    from callstream.core.errors import InvalidInputError, TransientError
+
+    if isinstance(exc, InvalidInputError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, TransientError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+    log.exception("unexpected error in RPC", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,197 @@
+"""Reading a call's audio: URI parsing, size and length limits, decoding, channel split and roles.
+
+Every failure is raised as one of core.errors' input errors, with a message that names the call and the cause:
+AudioNotFoundError (bad URI, missing or unreadable file), AudioDecodeError (not decodable audio), and
+InvalidInputError (no audio given, over the configured limits). None of them can succeed on a retry.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+import av
+import numpy as np
+from faster_whisper import decode_audio
+
+from callstream.core.errors import AudioDecodeError, AudioNotFoundError, InvalidInputError
+from callstream.v1 import events_pb2
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+# Two channels whose difference is under this fraction of their level carry the same (mixed) audio.
+_SAME_CHANNEL_TOLERANCE = 0.1
+
+
+@dataclass
+class ChannelAudio:
+    channel: int
+    role: str
+    samples: np.ndarray  # float32 mono at SAMPLE_RATE
+
+
+@dataclass
+class CallAudio:
+    channels: list[ChannelAudio]
+    seconds: float
+    source_channels: int  # channels in the file (2 for a stereo file even when it is treated as mono)
+
+
+def call_label(call: events_pb2.CallRecorded) -> str:
+    return f"call {call.call_id!r}" if call.call_id else "call (no call_id)"
+
+
+def parse_audio_uri(uri: str, call_id: str = "") -> Path:
+    """A local path from a file:// URI (file:///a/b.wav, file://localhost/a/b.wav) or a plain path.
+
+    Raises AudioNotFoundError for other schemes (http, s3, ...) and for file URIs naming a remote host.
+    """
+    who = f"call {call_id!r}" if call_id else "call"
+    text = uri.strip()
+    if not text:
+        raise AudioNotFoundError(f"{who}: audio_uri is empty")
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise AudioNotFoundError(
+                f"{who}: audio_uri {uri!r} names host {parts.netloc!r}; only local file:// URIs "
+                "(file:///path or file://localhost/path) can be read"
+            )
+        if not parts.path:
+            raise AudioNotFoundError(f"{who}: audio_uri {uri!r} has no path")
+        return Path(unquote(parts.path))
+    if scheme and len(scheme) > 1:  # a one-letter "scheme" is a Windows drive (C:\...)
+        raise AudioNotFoundError(
+            f"{who}: audio_uri {uri!r} uses the unsupported scheme {scheme!r}; "
+            "the transcriber reads only file:// URIs and plain paths (send short clips inline as audio_bytes)"
+        )
+    return Path(text).expanduser()
+
+
+def _open_source(call: events_pb2.CallRecorded, max_bytes: int) -> tuple[str | bytes, str]:
+    """The audio as a path or as bytes, plus how to name it in messages."""
+    who = call_label(call)
+    kind = call.WhichOneof("audio")
+    if kind == "audio_bytes":
+        data = call.audio_bytes
+        if not data:
+            raise AudioDecodeError(f"{who}: audio_bytes is empty")
+        if len(data) > max_bytes:
+            raise InvalidInputError(f"{who}: inline audio is {len(data):,} bytes, over the limit of {max_bytes:,}")
+        return data, f"inline audio ({len(data):,} bytes)"
+    if kind != "audio_uri":
+        raise InvalidInputError(f"{who}: no audio (set audio_uri or audio_bytes)")
+    path = parse_audio_uri(call.audio_uri, call.call_id)
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise AudioNotFoundError(f"{who}: audio file {str(path)!r} does not exist (audio_uri={call.audio_uri!r})") from exc
+    except OSError as exc:
+        raise AudioNotFoundError(f"{who}: cannot read audio file {str(path)!r}: {exc.strerror or exc}") from exc
+    if not path.is_file():
+        raise AudioNotFoundError(f"{who}: audio_uri {call.audio_uri!r} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise AudioNotFoundError(f"{who}: audio file {str(path)!r} is not readable (permission denied)")
+    if st.st_size > max_bytes:
+        raise InvalidInputError(
+            f"{who}: audio file {str(path)!r} is {st.st_size:,} bytes, over the limit of {max_bytes:,}"
+        )
+    if st.st_size == 0:
+        raise AudioDecodeError(f"{who}: audio file {str(path)!r} is empty (0 bytes)")
+    return str(path), f"audio file {str(path)!r}"
+
+
+def _as_input(source: str | bytes) -> str | BinaryIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def probe(source: str | bytes, who: str, what: str) -> tuple[int, float | None]:
+    """(channels, duration in seconds if the container says) of the first audio stream."""
+    try:
+        with av.open(_as_input(source), mode="r", metadata_errors="ignore") as container:
+            if not container.streams.audio:
+                raise AudioDecodeError(f"{who}: {what} has no audio stream")
+            stream = container.streams.audio[0]
+            channels = int(stream.channels or 0)
+            seconds: float | None = None
+            if container.duration:
+                seconds = container.duration / 1_000_000
+            elif stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+    except AudioDecodeError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+        raise AudioDecodeError(f"{who}: {what} is not decodable audio: {exc}") from exc
+    return channels, seconds
+
+
+def same_audio(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when two channels carry the same signal (a mono mix stored twice), allowing codec noise."""
+    level = max(float(np.sqrt(np.mean(a**2))) if a.size else 0.0, float(np.sqrt(np.mean(b**2))) if b.size else 0.0)
+    if level < 1e-6:
+        return True
+    diff = float(np.sqrt(np.mean((a - b) ** 2)))
+    return diff < _SAME_CHANNEL_TOLERANCE * level
+
+
+def channel_roles(
+    call_roles: Mapping[int, str], stereo: bool, default_roles: Mapping[int, str], mono_role: str
+) -> dict[int, str]:
+    """Role per channel: the call's channel_roles, else the default roles (stereo) or the mono role.
+
+    A stereo channel missing from a non-empty channel_roles is called "channel<N>". Mono audio takes the call's
+    role only when the call names exactly one role (several roles on one channel are a mix: mono_role).
+    """
+    roles = {int(k): v for k, v in call_roles.items() if v}
+    if not stereo:
+        return {0: next(iter(roles.values())) if len(roles) == 1 else mono_role}
+    source = roles or {int(k): v for k, v in default_roles.items()}
+    return {ch: source.get(ch) or f"channel{ch}" for ch in (0, 1)}
+
+
+def load_call_audio(
+    call: events_pb2.CallRecorded,
+    *,
+    max_seconds: float,
+    max_bytes: int,
+    default_roles: Mapping[int, str],
+    mono_role: str = "speaker",
+) -> CallAudio:
+    """Read, check and decode a call's audio into one 16 kHz float32 array per channel, with its role."""
+    who = call_label(call)
+    source, what = _open_source(call, max_bytes)
+    n_channels, est_seconds = probe(source, who, what)
+    if est_seconds is not None and est_seconds > max_seconds * 1.01:
+        raise InvalidInputError(f"{who}: {what} is {est_seconds:.0f} s long, over the limit of {max_seconds:.0f} s")
+    stereo = n_channels >= 2
+    if n_channels > 2:
+        log.warning("%s: %s has %d channels; transcribing a stereo downmix", who, what, n_channels)
+    try:
+        decoded = decode_audio(_as_input(source), sampling_rate=SAMPLE_RATE, split_stereo=stereo)
+    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
+        raise AudioDecodeError(f"{who}: {what} could not be decoded: {exc}") from exc
+    arrays = [np.asarray(a, dtype=np.float32) for a in (decoded if stereo else (decoded,))]
+    seconds = arrays[0].size / SAMPLE_RATE
+    if seconds > max_seconds * 1.01:
+        raise InvalidInputError(f"{who}: {what} is {seconds:.0f} s long, over the limit of {max_seconds:.0f} s")
+    if stereo and same_audio(arrays[0], arrays[1]):
+        # A mono mix stored on two channels: transcribing both would give every word twice.
+        log.info("%s: both channels of %s carry the same audio; transcribing it as mono", who, what)
+        arrays = [(arrays[0] + arrays[1]) / 2]
+        stereo = False
+    roles = channel_roles(call.channel_roles, stereo, default_roles, mono_role)
+    if not stereo and len(arrays) == 1 and n_channels >= 2:
+        roles = {0: mono_role}
+    return CallAudio(
+        channels=[ChannelAudio(ch, roles[ch], samples) for ch, samples in enumerate(arrays)],
+        seconds=seconds,
+        source_channels=n_channels,
+    )
