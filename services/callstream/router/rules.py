@@ -27,6 +27,7 @@ Every validation error raises ConfigError naming the file and line, e.g.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,8 +301,20 @@ def _describe(loc: tuple[int | str, ...], error_type: str, msg: str) -> str:
     return f"field {field!r}: {msg}" if field else msg
 
 
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """Field names of the model that holds the last element of `loc`, for "did you mean" hints."""
+    parent = loc[:-1]
+    if parent == ():
+        return list(RulesFile.model_fields)
+    if len(parent) == 2 and parent[0] == "rules":
+        return list(Rule.model_fields)
+    if len(parent) == 3 and parent[0] == "rules" and parent[2] == "when":
+        return list(RuleCondition.model_fields)
+    return []
+
+
 def _format_error(exc: ValidationError, root: yaml.Node, data: Any, source_name: str) -> str:
-    messages = []
+    found: list[tuple[int, int, str]] = []
     for error in exc.errors():
         loc = tuple(error["loc"])
         # Duplicate rule names are reported on "rules"; point at the duplicated rule itself.
@@ -310,5 +323,12 @@ def _format_error(exc: ValidationError, root: yaml.Node, data: Any, source_name:
             loc = ("rules", index, "name")
         line, rule_name = _error_location(loc, error["type"], root, data)
         prefix = f"rule {rule_name!r}: " if rule_name else ""
-        messages.append(f"{source_name} line {line}: {prefix}{_describe(loc, error['type'], error['msg'])}")
+        text = _describe(loc, error["type"], error["msg"])
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1)
+            if close:
+                text += f" (did you mean {close[0]!r}?)"
+        # A misspelt field usually also causes a "missing" error: report the unknown field first.
+        found.append((0 if error["type"] == "extra_forbidden" else 1, line, f"{source_name} line {line}: {prefix}{text}"))
+    messages = [m for _, _, m in sorted(found, key=lambda f: (f[0], f[1]))]
     return messages[0] if len(messages) == 1 else messages[0] + "".join(f"\n  {m}" for m in messages[1:])

@@ -129,8 +129,14 @@ def probe(source: str | bytes, who: str, what: str) -> tuple[int, float | None]:
     except AudioDecodeError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
-        raise AudioDecodeError(f"{who}: {what} is not decodable audio: {exc}") from exc
+        raise AudioDecodeError(f"{who}: {what} is not decodable audio ({_reason(exc)})") from exc
     return channels, seconds
+
+
+def _reason(exc: BaseException) -> str:
+    """FFmpeg's own words without the file name that PyAV appends (the message names the source already)."""
+    strerror = getattr(exc, "strerror", None)
+    return str(strerror) if strerror else (str(exc) or type(exc).__name__)
 
 
 def same_audio(a: np.ndarray, b: np.ndarray) -> bool:
@@ -177,7 +183,7 @@ def load_call_audio(
     try:
         decoded = decode_audio(_as_input(source), sampling_rate=SAMPLE_RATE, split_stereo=stereo)
     except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
-        raise AudioDecodeError(f"{who}: {what} could not be decoded: {exc}") from exc
+        raise AudioDecodeError(f"{who}: {what} could not be decoded ({_reason(exc)})") from exc
     arrays = [np.asarray(a, dtype=np.float32) for a in (decoded if stereo else (decoded,))]
     seconds = arrays[0].size / SAMPLE_RATE
     if seconds > max_seconds * 1.01:

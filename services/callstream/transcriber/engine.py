@@ -11,8 +11,11 @@ A batch of calls is transcribed in three steps:
 A call that fails (missing file, corrupt audio, over the limits) gets its exception in its place in the
 result; its batch-mates are unaffected.
 
-Measured here (2 shared vCPUs, tiny.en int8, cpu_threads=1), see the report in tests/unit/test_transcriber_model.py
-and the transcriber README section of the docs: beam_size=1 matches beam 5 on WER for these calls and is faster.
+Measured on the 2-vCPU CPU nodes (tiny.en, int8, cpu_threads=1; other jobs sharing the cores): 120 s of stereo
+calls took 7.1 s with beam 5 (17x real time) and 6.1 s with beam 1 (20x); transcribing the same calls one by one
+took the same time and gave identical text. On CPU the 30 s encoder pass per chunk dominates and gains nothing
+from batching. Pooling is meant for GPUs, where a batch of chunks usually costs little more than one chunk
+(not measured: no GPU was available when this was written).
 """
 
 from __future__ import annotations

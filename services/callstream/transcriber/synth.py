@@ -10,8 +10,8 @@ A script is YAML:
     id: card-lost
     channels: {agent: 0, customer: 1}        # optional, this is the default
     voices: {agent: en-us+m3, customer: en-gb+f2}   # optional, this is the default
-    pause_s: 0.6                              # optional silence between turns
-    speed_wpm: 175                            # optional espeak-ng speed
+    pause_s: 0.4                              # optional silence between turns
+    speed_wpm: 165                            # optional espeak-ng speed
     turns:
       - agent: Thank you for calling ...
       - customer: Hi ...
@@ -40,7 +40,7 @@ SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples" / "calls"
 DEFAULT_CHANNELS: dict[str, int] = {"agent": 0, "customer": 1}
 DEFAULT_VOICES: dict[str, str] = {"agent": "en-us+m3", "customer": "en-gb+f2"}
 # Bump when the rendering changes, so that cached renders are redone.
-_RENDER_VERSION = "1"
+_RENDER_VERSION = "2"
 
 
 class SynthesisError(RuntimeError):
@@ -59,9 +59,9 @@ class CallScript:
     turns: list[Turn]
     channels: dict[str, int]
     voices: dict[str, str]
-    pause_s: float = 0.6
-    lead_in_s: float = 0.5
-    speed_wpm: int = 175
+    pause_s: float = 0.4
+    lead_in_s: float = 0.3
+    speed_wpm: int = 165
 
     def references(self) -> dict[int, str]:
         """The text spoken on each channel, turns joined by spaces."""
@@ -99,9 +99,9 @@ def load_script(path: Path) -> CallScript:
         turns=turns,
         channels=channels,
         voices=voices,
-        pause_s=float(data.get("pause_s", 0.6)),
-        lead_in_s=float(data.get("lead_in_s", 0.5)),
-        speed_wpm=int(data.get("speed_wpm", 175)),
+        pause_s=float(data.get("pause_s", 0.4)),
+        lead_in_s=float(data.get("lead_in_s", 0.3)),
+        speed_wpm=int(data.get("speed_wpm", 165)),
     )
 
 

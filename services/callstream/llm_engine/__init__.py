@@ -1,0 +1,1 @@
+"""The CPU LLM engine: continuous batching over llama.cpp, serving the TensorRT-LLM gRPC protocol."""

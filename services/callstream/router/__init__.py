@@ -1,0 +1,1 @@
+"""Router service: intent classification (SetFit) and rule-based routing of tickets and call transcripts."""

@@ -1,0 +1,51 @@
+"""Router settings: CALLSTREAM_ROUTER_* environment variables, the `router:` section of CALLSTREAM_CONFIG, defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from callstream.core.settings import BatchSettings, ServiceSettings
+
+STARTER_MODEL_NAME = "starter-intents"
+_SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def callstream_home() -> Path:
+    """Base folder for models and caches: $CALLSTREAM_HOME, else ~/.cache/callstream."""
+    return Path(os.environ.get("CALLSTREAM_HOME") or "~/.cache/callstream").expanduser()
+
+
+def default_model_dir() -> Path:
+    """Where the starter intent classifier lives (trained on first use by `ensure_default_classifier`)."""
+    return callstream_home() / "models" / STARTER_MODEL_NAME
+
+
+def default_rules_path() -> Path:
+    """The routing rules shipped with the package (samples/routing_rules.yaml)."""
+    return _SAMPLES / "routing_rules.yaml"
+
+
+def starter_data_path() -> Path:
+    """The starter intent examples shipped with the package (samples/intents/starter.csv)."""
+    return _SAMPLES / "intents" / "starter.csv"
+
+
+class RouterSettings(ServiceSettings):
+    section: ClassVar[str] = "router"
+
+    model_config = SettingsConfigDict(env_prefix="CALLSTREAM_ROUTER_", env_nested_delimiter="__", extra="ignore")
+
+    grpc_port: int = 50052
+    # A classifier artifact directory (manifest.json + SetFit model), as written by `callstream classifier train`.
+    model_dir: Path = Field(default_factory=default_model_dir)
+    rules_path: Path = Field(default_factory=default_rules_path)
+    # Intent labels returned per text when a request does not say.
+    top_k: int = Field(default=3, ge=1)
+    batch: BatchSettings = BatchSettings(max_batch_size=32, max_wait_ms=5)
+    # Check every model file's sha256 against manifest.json before loading (the head is a pickle).
+    verify_model: bool = True

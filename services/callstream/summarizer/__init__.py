@@ -1,0 +1,1 @@
+"""The summarizer service: structured summaries from an LLM engine over the TensorRT-LLM gRPC protocol."""
