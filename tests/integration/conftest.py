@@ -169,10 +169,9 @@ def starter_classifier() -> str:
 @pytest.fixture(scope="session")
 def banking77_classifier() -> str:
     """A few-shot SetFit classifier trained from banking77 train, cached between runs by the data's hash."""
-    from tests.conftest import shared
-
     from callstream.router.classifier import load_classifier, train_classifier
     from callstream.router.settings import callstream_home
+    from tests.conftest import shared
 
     train_csv = shared("banking77", "train.csv")
     digest = hashlib.sha256(train_csv.read_bytes()).hexdigest()[:12]

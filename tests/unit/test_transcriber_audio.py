@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from callstream.core.errors import AudioDecodeError, AudioNotFoundError, InvalidInputError
-from callstream.transcriber.audio import channel_roles, load_call_audio, parse_audio_uri, same_audio
+from callstream.transcriber.audio import CallAudio, channel_roles, load_call_audio, parse_audio_uri, same_audio
 from callstream.v1 import events_pb2
 
 DEFAULT_ROLES = {0: "agent", 1: "customer"}
@@ -33,10 +33,8 @@ def tone(seconds: float, freq: float, rate: int = 16000) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
-def load(call: events_pb2.CallRecorded, **kw: object) -> object:
-    args: dict[str, object] = {"max_seconds": 3600.0, "max_bytes": 10_000_000, "default_roles": DEFAULT_ROLES}
-    args.update(kw)
-    return load_call_audio(call, **args)  # type: ignore[arg-type]
+def load(call: events_pb2.CallRecorded, max_seconds: float = 3600.0, max_bytes: int = 10_000_000) -> CallAudio:
+    return load_call_audio(call, max_seconds=max_seconds, max_bytes=max_bytes, default_roles=DEFAULT_ROLES)
 
 
 # -- URIs -----------------------------------------------------------------------------------------------------------
@@ -154,33 +152,33 @@ def test_stereo_is_split_per_channel_with_default_roles() -> None:
     left, right = tone(1.0, 300), np.zeros(16000, dtype=np.float32)
     right[8000:] = tone(0.5, 700)
     audio = load(events_pb2.CallRecorded(call_id="s", audio_bytes=wav_bytes([left, right])))
-    assert [(c.channel, c.role) for c in audio.channels] == [(0, "agent"), (1, "customer")]  # type: ignore[attr-defined]
-    assert audio.seconds == pytest.approx(1.0, abs=0.01)  # type: ignore[attr-defined]
-    ch0, ch1 = (c.samples for c in audio.channels)  # type: ignore[attr-defined]
+    assert [(c.channel, c.role) for c in audio.channels] == [(0, "agent"), (1, "customer")]
+    assert audio.seconds == pytest.approx(1.0, abs=0.01)
+    ch0, ch1 = (c.samples for c in audio.channels)
     assert np.abs(ch1[:7000]).max() < 0.01 < np.abs(ch0[:7000]).max()
 
 
 def test_stereo_at_another_rate_is_resampled_to_16k() -> None:
     audio = load(events_pb2.CallRecorded(call_id="s", audio_bytes=wav_bytes([tone(2.0, 300, 8000)] * 2, 8000)))
-    assert audio.channels[0].samples.size == pytest.approx(32000, abs=200)  # type: ignore[attr-defined]
+    assert audio.channels[0].samples.size == pytest.approx(32000, abs=200)
 
 
 def test_call_roles_override_defaults() -> None:
     data = wav_bytes([tone(1.0, 300), tone(1.0, 900)])
     call = events_pb2.CallRecorded(call_id="r", audio_bytes=data, channel_roles={0: "customer", 1: "agent"})
-    assert [c.role for c in load(call).channels] == ["customer", "agent"]  # type: ignore[attr-defined]
+    assert [c.role for c in load(call).channels] == ["customer", "agent"]
 
 
 def test_mono_is_one_speaker_channel() -> None:
     audio = load(events_pb2.CallRecorded(call_id="m", audio_bytes=wav_bytes([tone(1.0, 300)])))
-    assert [(c.channel, c.role) for c in audio.channels] == [(0, "speaker")]  # type: ignore[attr-defined]
+    assert [(c.channel, c.role) for c in audio.channels] == [(0, "speaker")]
 
 
 def test_identical_channels_are_transcribed_once_as_mono() -> None:
     data = wav_bytes([tone(1.0, 300), tone(1.0, 300)])
     audio = load(events_pb2.CallRecorded(call_id="dup", audio_bytes=data, channel_roles={0: "agent", 1: "customer"}))
-    assert [(c.channel, c.role) for c in audio.channels] == [(0, "speaker")]  # type: ignore[attr-defined]
-    assert audio.source_channels == 2  # type: ignore[attr-defined]
+    assert [(c.channel, c.role) for c in audio.channels] == [(0, "speaker")]
+    assert audio.source_channels == 2
 
 
 def test_channel_roles_rules() -> None:

@@ -41,18 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import llama_cpp as _llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from callstream.core.errors import CallstreamError, ConfigError, InvalidInputError, TransientError
 from callstream.llm_engine import metrics
+from callstream.llm_engine.llama_runtime import init_llama, lc, meta_str
 from callstream.llm_engine.settings import LlmEngineSettings
 
 log = logging.getLogger(__name__)
-
-# The ctypes bindings' own annotations do not type-check cleanly (ctypes pointers vs NewType ints).
-lc: Any = _llama_cpp
 
 PENALTY_LAST_N = 64
 _NEG_INF = float("-inf")
@@ -216,46 +213,6 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-_GGML_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_llama_log = logging.getLogger("callstream.llm_engine.llama_cpp")
-_last_level = [logging.DEBUG]
-
-
-@lc.llama_log_callback
-def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    py_level = _GGML_LEVELS.get(level, _last_level[0]) if level != 5 else _last_level[0]
-    _last_level[0] = py_level
-    if _llama_log.isEnabledFor(py_level):
-        message = text.decode("utf-8", errors="replace").rstrip()
-        if message:
-            _llama_log.log(py_level, "%s", message)
-
-
-_backend_lock = threading.Lock()
-_backend_ready = [False]
-
-
-def _init_backend() -> None:
-    """Route llama.cpp's log to Python logging (warnings and errors by default) and initialise its backend once."""
-    with _backend_lock:
-        if not _backend_ready[0]:
-            lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
-            lc.llama_backend_init()
-            _backend_ready[0] = True
-
-
-def _meta(model: Any, key: str) -> str | None:
-    size = 1 << 16
-    buf = ctypes.create_string_buffer(size)
-    n = lc.llama_model_meta_val_str(model, key.encode(), buf, size)
-    if n < 0:
-        return None
-    if n >= size:  # a longer value (e.g. a big chat template): ask again with room for it
-        buf = ctypes.create_string_buffer(n + 1)
-        lc.llama_model_meta_val_str(model, key.encode(), buf, n + 1)
-    return buf.value.decode("utf-8", errors="replace")
-
-
 def grammar_for(guided_json_schema: dict[str, Any] | str | None, grammar: str | None) -> str | None:
     """The GBNF grammar for a JSON schema (dict or JSON text; "" or {} means any JSON object) or GBNF as given."""
     if grammar is not None and guided_json_schema is not None:
@@ -354,7 +311,7 @@ class ContinuousBatchingEngine:
         log.info("llm engine: model %s sha256=%s (%.1f s to hash)", path, digest, time.perf_counter() - started)
         if s.model_sha256 and s.model_sha256.strip().lower() != digest:
             raise ConfigError(f"llm engine: {path.name} has sha256 {digest}, but model_sha256 pins {s.model_sha256}")
-        _init_backend()
+        init_llama()
         mparams = lc.llama_model_default_params()
         mparams.n_gpu_layers = 0
         model = lc.llama_model_load_from_file(str(path).encode(), mparams)
@@ -397,7 +354,7 @@ class ContinuousBatchingEngine:
         lc.llama_model_desc(model, desc, 256)
         bos = int(lc.llama_vocab_bos(self._vocab))
         metadata = {k: v for k in ("general.name", "general.architecture", "general.license", "general.size_label",
-                                   "tokenizer.chat_template") if (v := _meta(model, k)) is not None}
+                                   "tokenizer.chat_template") if (v := meta_str(model, k)) is not None}
         return ModelInfo(
             model_id=path.name,
             path=str(path),

@@ -20,7 +20,6 @@ import contextlib
 import csv
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import random
@@ -232,7 +231,9 @@ class IntentClassifier:
         """(len(texts), len(labels)) probabilities; columns in `self.columns` order."""
         if not texts:
             return np.zeros((0, len(self._columns)), dtype=np.float32)
-        probs = self.model.predict_proba(list(texts), batch_size=self.batch_size, as_numpy=True, show_progress_bar=False)
+        probs = self.model.predict_proba(
+            list(texts), batch_size=self.batch_size, as_numpy=True, show_progress_bar=False
+        )
         return np.asarray(probs)
 
     @property
@@ -376,7 +377,7 @@ def train_classifier(
             seconds = time.perf_counter() - started
 
             created = datetime.now(UTC)
-            manifest_base = {
+            manifest_base: dict[str, Any] = {
                 "name": name,
                 "version": f"{name}-{created:%Y%m%d%H%M%S}-{data_sha[:8]}",
                 "created_at": created.isoformat(timespec="seconds"),
@@ -482,9 +483,7 @@ def evaluate(
     y_true = [e.label for e in examples]
     y_pred = [preds[0][0] for preds in classifier.predict([e.text for e in examples], top_k=1)]
     labels = sorted(set(y_true) | set(y_pred))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = {
         label: {
             "precision": round(float(p), 4),
@@ -496,7 +495,9 @@ def evaluate(
     }
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
-        "macro_f1": round(float(f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0)), 4),
+        "macro_f1": round(
+            float(f1_score(y_true, y_pred, labels=sorted(set(y_true)), average="macro", zero_division=0)), 4
+        ),
         "n": len(examples),
         "unknown_labels": sorted(set(y_true) - set(classifier.labels)),
         "per_class": per_class,

@@ -169,9 +169,13 @@ def classify_command(
         Path | None,
         typer.Option("--model", help="Classifier artifact directory (default: router settings; starter if absent)."),
     ] = None,
-    rules: Annotated[Path | None, typer.Option("--rules", help="Routing rules YAML (default: router settings).")] = None,
+    rules: Annotated[
+        Path | None, typer.Option("--rules", help="Routing rules YAML (default: router settings).")
+    ] = None,
+    source_channel: Annotated[
+        str, typer.Option("--source-channel", "--channel", help="Source channel the rules see: call, email, ...")
+    ] = "",
     json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    channel: Annotated[str, typer.Option("--channel", help="Source channel for the rules: call, email, ...")] = "",
     customer: Annotated[
         list[str] | None, typer.Option("--customer", help="Customer attribute KEY=VALUE (repeatable).")
     ] = None,
@@ -192,7 +196,7 @@ def classify_command(
         except CallstreamError as exc:
             typer.secho(f"warning: {exc}", fg=typer.colors.YELLOW, err=True)
         intents = classifier.predict([text], top_k=top_k or settings.top_k)[0]
-        decision = routing.route(intents, channel, attributes)
+        decision = routing.route(intents, source_channel, attributes)
     except CallstreamError as exc:
         raise _fail(exc) from exc
     result: dict[str, Any] = {

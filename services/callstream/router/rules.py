@@ -187,7 +187,9 @@ class RoutingRules:
         for rule in spec.rules:
             matched = _match(rule.when, intents, source_channel, customer, spec.confidence_threshold)
             if matched is not None:
-                return RouteDecision(rule.queue, rule.priority, rule.name, needs_human, f"rule {rule.name!r}: {matched}{low}")
+                return RouteDecision(
+                    rule.queue, rule.priority, rule.name, needs_human, f"rule {rule.name!r}: {matched}{low}"
+                )
         if needs_human:
             return RouteDecision(
                 spec.human_triage_queue, spec.default_priority, DEFAULT_RULE, True, f"no rule matched{low}"
@@ -214,7 +216,11 @@ def _match(
     if when.intent is not None:
         wanted = set(when.intent)
         hit = next(
-            ((rank, label, score) for rank, (label, score) in enumerate(intents) if label in wanted and score >= min_score),
+            (
+                (rank, label, score)
+                for rank, (label, score) in enumerate(intents)
+                if label in wanted and score >= min_score
+            ),
             None,
         )
         if hit is None:
@@ -329,6 +335,8 @@ def _format_error(exc: ValidationError, root: yaml.Node, data: Any, source_name:
             if close:
                 text += f" (did you mean {close[0]!r}?)"
         # A misspelt field usually also causes a "missing" error: report the unknown field first.
-        found.append((0 if error["type"] == "extra_forbidden" else 1, line, f"{source_name} line {line}: {prefix}{text}"))
+        found.append(
+            (0 if error["type"] == "extra_forbidden" else 1, line, f"{source_name} line {line}: {prefix}{text}")
+        )
     messages = [m for _, _, m in sorted(found, key=lambda f: (f[0], f[1]))]
     return messages[0] if len(messages) == 1 else messages[0] + "".join(f"\n  {m}" for m in messages[1:])

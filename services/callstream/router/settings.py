@@ -35,6 +35,13 @@ def starter_data_path() -> Path:
     return _SAMPLES / "intents" / "starter.csv"
 
 
+class RouterBatchSettings(BatchSettings):
+    """The router's batcher: small texts, so bigger batches and a shorter wait than the shared defaults."""
+
+    max_batch_size: int = Field(default=32, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+
+
 class RouterSettings(ServiceSettings):
     section: ClassVar[str] = "router"
 
@@ -46,6 +53,7 @@ class RouterSettings(ServiceSettings):
     rules_path: Path = Field(default_factory=default_rules_path)
     # Intent labels returned per text when a request does not say.
     top_k: int = Field(default=3, ge=1)
-    batch: BatchSettings = BatchSettings(max_batch_size=32, max_wait_ms=5)
+    # A subclass so that overriding one field (CALLSTREAM_ROUTER_BATCH__MAX_BATCH_SIZE) keeps the other's default.
+    batch: RouterBatchSettings = RouterBatchSettings()
     # Check every model file's sha256 against manifest.json before loading (the head is a pickle).
     verify_model: bool = True

@@ -93,7 +93,9 @@ def _open_source(call: events_pb2.CallRecorded, max_bytes: int) -> tuple[str | b
     try:
         st = path.stat()
     except FileNotFoundError as exc:
-        raise AudioNotFoundError(f"{who}: audio file {str(path)!r} does not exist (audio_uri={call.audio_uri!r})") from exc
+        raise AudioNotFoundError(
+            f"{who}: audio file {str(path)!r} does not exist (audio_uri={call.audio_uri!r})"
+        ) from exc
     except OSError as exc:
         raise AudioNotFoundError(f"{who}: cannot read audio file {str(path)!r}: {exc.strerror or exc}") from exc
     if not path.is_file():
@@ -184,14 +186,14 @@ def load_call_audio(
         decoded = decode_audio(_as_input(source), sampling_rate=SAMPLE_RATE, split_stereo=stereo)
     except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
         raise AudioDecodeError(f"{who}: {what} could not be decoded ({_reason(exc)})") from exc
-    arrays = [np.asarray(a, dtype=np.float32) for a in (decoded if stereo else (decoded,))]
+    arrays: list[np.ndarray] = [np.asarray(a, dtype=np.float32) for a in (decoded if stereo else (decoded,))]
     seconds = arrays[0].size / SAMPLE_RATE
     if seconds > max_seconds * 1.01:
         raise InvalidInputError(f"{who}: {what} is {seconds:.0f} s long, over the limit of {max_seconds:.0f} s")
     if stereo and same_audio(arrays[0], arrays[1]):
         # A mono mix stored on two channels: transcribing both would give every word twice.
         log.info("%s: both channels of %s carry the same audio; transcribing it as mono", who, what)
-        arrays = [(arrays[0] + arrays[1]) / 2]
+        arrays = [((arrays[0] + arrays[1]) * 0.5).astype(np.float32)]
         stereo = False
     roles = channel_roles(call.channel_roles, stereo, default_roles, mono_role)
     if not stereo and len(arrays) == 1 and n_channels >= 2:

@@ -59,7 +59,7 @@ def transcribe_command(
     language: Annotated[str | None, typer.Option("--language", help="Language hint, e.g. 'en'.")] = None,
     roles: Annotated[
         str | None,
-        typer.Option("--roles", help="Channel roles, e.g. 'agent,customer' (stereo default: settings).default_roles"),
+        typer.Option("--roles", help="Channel roles: 'agent,customer' or '1=agent' (stereo default: agent,customer)."),
     ] = None,
     call_id: Annotated[str | None, typer.Option("--call-id", help="Call id to put in the transcript.")] = None,
 ) -> None:

@@ -9,7 +9,9 @@ A batch of calls is transcribed in three steps:
 3. per call: word times are mapped back to the original timeline, and the words of both channels are merged
    by WORD time into speaker turns (merge.py).
 A call that fails (missing file, corrupt audio, over the limits) gets its exception in its place in the
-result; its batch-mates are unaffected.
+result; its batch-mates are unaffected. Transcript.processing_seconds is the engine time spent on the call: its
+own reading, VAD and assembly plus its share (by chunk count) of the pooled model batches, so that the calls of a
+batch add up to the batch's time.
 
 Measured on the 2-vCPU CPU nodes (tiny.en, int8, cpu_threads=1; other jobs sharing the cores): 120 s of stereo
 calls took 7.1 s with beam 5 (17x real time) and 6.1 s with beam 1 (20x); transcribing the same calls one by one
@@ -50,9 +52,7 @@ class AsrEngine(Protocol):
 
     model_id: str
 
-    def transcribe_batch(
-        self, calls: Sequence[events_pb2.CallRecorded]
-    ) -> list[events_pb2.Transcript | Exception]: ...
+    def transcribe_batch(self, calls: Sequence[events_pb2.CallRecorded]) -> list[events_pb2.Transcript | Exception]: ...
 
 
 @dataclass
@@ -138,9 +138,7 @@ class FasterWhisperEngine:
 
     # -- the AsrEngine protocol ---------------------------------------------------------------------------------
 
-    def transcribe_batch(
-        self, calls: Sequence[events_pb2.CallRecorded]
-    ) -> list[events_pb2.Transcript | Exception]:
+    def transcribe_batch(self, calls: Sequence[events_pb2.CallRecorded]) -> list[events_pb2.Transcript | Exception]:
         with self._lock:
             jobs = [_Job(call) for call in calls]
             for job in jobs:
@@ -201,17 +199,24 @@ class FasterWhisperEngine:
             chunks, metas = collect_chunks(samples, clips, max_duration=_CHUNK_SECONDS) if clips else ([], [])
             channel = _Channel(channel_audio, clips, list(chunks), list(metas))
             channel.outputs = [None] * len(channel.chunks)
+            # The chunks hold the speech; the whole channel is no longer needed (an hour is 230 MB per channel).
+            channel_audio.samples = np.zeros(0, dtype=np.float32)
             channel.language, channel.language_probability = self._language(job.call, channel)
             job.channels.append(channel)
 
     def _language(self, call: events_pb2.CallRecorded, channel: _Channel) -> tuple[str, float]:
-        hint = (call.language or self.settings.language).strip().lower()
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        raw = (call.language or self.settings.language).strip()
+        hint = raw.replace("_", "-").split("-")[0].lower()  # BCP-47 "en-US" -> Whisper's "en"
         if not self.multilingual:
             if hint and hint != "en":
-                log.warning("%s: language %r requested but the model is English-only; using 'en'", call_label(call), hint)
+                log.warning("%s: language %r asked for, but the model is English-only", call_label(call), raw)
             return "en", 1.0
-        if hint:
+        if hint in _LANGUAGE_CODES:
             return hint, 1.0
+        if hint:
+            log.warning("%s: language %r is not one Whisper knows; detecting it instead", call_label(call), raw)
         if not channel.chunks:
             return "", 0.0
         features = self.model.feature_extractor(channel.chunks[0])[..., :-1]

