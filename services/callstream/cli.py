@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 
-class ServiceName(str, Enum):
+class ServiceName(StrEnum):
     transcriber = "transcriber"
     router = "router"
     summarizer = "summarizer"
@@ -82,11 +82,17 @@ def _build_runtime(name: ServiceName):  # type: ignore[no-untyped-def]
 def demo(
     inputs: Annotated[
         Path | None,
-        typer.Option(help="A folder of your own: *.wav/*.flac/*.mp3 as calls (two channels = agent/customer) "
-                     "and tickets.csv (a 'text' column) as tickets. Default: the shipped samples."),
+        typer.Option(
+            help="A folder of your own: *.wav/*.flac/*.mp3 as calls (two channels = agent/customer) "
+            "and tickets.csv (a 'text' column) as tickets. Default: the shipped samples."
+        ),
     ] = None,
-    classifier: Annotated[Path | None, typer.Option(help="A trained classifier directory instead of the default.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per input instead of a table.")] = False,
+    classifier: Annotated[
+        Path | None, typer.Option(help="A trained classifier directory instead of the default.")
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per input instead of a table.")
+    ] = False,
     keep_running: Annotated[bool, typer.Option(help="Leave the broker and services up after the results.")] = False,
     broker: Annotated[str, typer.Option(help="Local broker to start: noida or tansu.")] = "noida",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every summary.")] = 1200.0,
@@ -98,8 +104,14 @@ def demo(
     setup_logging("WARNING")
     from callstream.demo import run_demo
 
-    code = run_demo(inputs=inputs, classifier=classifier, json_output=json_output, keep_running=keep_running,
-                    broker_kind=broker, timeout_s=timeout)
+    code = run_demo(
+        inputs=inputs,
+        classifier=classifier,
+        json_output=json_output,
+        keep_running=keep_running,
+        broker_kind=broker,
+        timeout_s=timeout,
+    )
     raise typer.Exit(code)
 
 
@@ -146,8 +158,10 @@ def summarize(
     source: Annotated[str, typer.Argument(help="A text file, or the text itself.")],
     engine: Annotated[
         str | None,
-        typer.Option(help="Engine address (HOST:PORT) speaking the TensorRT-LLM gRPC protocol. Default: start the "
-                     "CPU engine in this process."),
+        typer.Option(
+            help="Engine address (HOST:PORT) speaking the TensorRT-LLM gRPC protocol. Default: start the "
+            "CPU engine in this process."
+        ),
     ] = None,
     kind: Annotated[str, typer.Option(help="call or ticket")] = "ticket",
     json_output: Annotated[bool, typer.Option("--json", help="Print the structured summary as JSON.")] = False,
@@ -206,8 +220,11 @@ def topics_list() -> None:
 
     t = TopicSettings()
     rows = [
-        (t.calls_recorded, "CallRecorded"), (t.calls_transcribed, "Transcript"), (t.tickets_created, "TicketCreated"),
-        (t.tickets_routed, "RoutedTicket"), (t.tickets_summarized, "Summary"),
+        (t.calls_recorded, "CallRecorded"),
+        (t.calls_transcribed, "Transcript"),
+        (t.tickets_created, "TicketCreated"),
+        (t.tickets_routed, "RoutedTicket"),
+        (t.tickets_summarized, "Summary"),
     ]
     for name, kind in rows:
         typer.echo(f"{name:<22} callstream.v1.{kind}")

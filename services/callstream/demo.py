@@ -1,8 +1,8 @@
 """`callstream demo`: the embedded default, end to end, through a real broker and the real services.
 
-    local broker (noida-db) -> topics -> llm-engine, transcriber, router, summarizer (child processes)
-    -> sample calls (calls.recorded) and tickets (tickets.created) in
-    -> wait for tickets.summarized (or a dead letter) for every input -> table or JSON -> clean stop
+local broker (noida-db) -> topics -> llm-engine, transcriber, router, summarizer (child processes)
+-> sample calls (calls.recorded) and tickets (tickets.created) in
+-> wait for tickets.summarized (or a dead letter) for every input -> table or JSON -> clean stop
 """
 
 from __future__ import annotations
@@ -75,8 +75,11 @@ def collect_inputs(inputs: Path | None, sample_calls: list[Path]) -> list[DemoIn
     for path in audio:
         roles = {0: "agent", 1: "customer"} if _channels(path) >= 2 else {}
         call = events_pb2.CallRecorded(
-            call_id=f"call-{path.stem}", tenant="demo", started_at=now_timestamp(),
-            audio_uri=path.resolve().as_uri(), channel_roles=roles,
+            call_id=f"call-{path.stem}",
+            tenant="demo",
+            started_at=now_timestamp(),
+            audio_uri=path.resolve().as_uri(),
+            channel_roles=roles,
         )
         items.append(DemoInput(call.call_id, "call", call))
     tickets_csv = folder / "tickets.csv"
@@ -85,9 +88,12 @@ def collect_inputs(inputs: Path | None, sample_calls: list[Path]) -> list[DemoIn
             for n, row in enumerate(csv.DictReader(f), start=1):
                 body = row.get("body") or row.get("text") or ""
                 ticket = events_pb2.TicketCreated(
-                    ticket_id=row.get("ticket_id") or f"ticket-{n:03d}", tenant="demo",
-                    source_channel=row.get("source_channel") or "email", subject=row.get("subject") or "",
-                    body=body, created_at=now_timestamp(),
+                    ticket_id=row.get("ticket_id") or f"ticket-{n:03d}",
+                    tenant="demo",
+                    source_channel=row.get("source_channel") or "email",
+                    subject=row.get("subject") or "",
+                    body=body,
+                    created_at=now_timestamp(),
                 )
                 items.append(DemoInput(ticket.ticket_id, "ticket", ticket, text=body))
     return items
@@ -100,22 +106,37 @@ async def _publish(kafka: KafkaSettings, topics: TopicSettings, items: list[Demo
         acks = []
         for item in items:
             topic = topics.calls_recorded if item.kind == "call" else topics.tickets_created
-            acks.append(await producer.send(topic, codec.encode(item.message), key=item.id.encode(),
-                                            headers=codec.headers_for(item.message)))
+            acks.append(
+                await producer.send(
+                    topic, codec.encode(item.message), key=item.id.encode(), headers=codec.headers_for(item.message)
+                )
+            )
         await asyncio.gather(*acks)
     finally:
         await producer.stop()
 
 
-async def _collect(kafka: KafkaSettings, topics: TopicSettings, items: list[DemoInput], timeout_s: float,
-                   progress: Progress | None) -> None:
+async def _collect(
+    kafka: KafkaSettings, topics: TopicSettings, items: list[DemoInput], timeout_s: float, progress: Progress | None
+) -> None:
     by_id = {i.id: i for i in items}
-    watched = [topics.calls_transcribed, topics.tickets_routed, topics.tickets_summarized,
-               *(topics.dlq(t) for t in (topics.calls_recorded, topics.calls_transcribed, topics.tickets_created,
-                                         topics.tickets_routed))]
-    consumer = AIOKafkaConsumer(*watched, group_id=f"callstream-demo-{uuid.uuid4().hex[:8]}",
-                                auto_offset_reset="earliest", enable_auto_commit=False,
-                                session_timeout_ms=kafka.session_timeout_ms, **connection_kwargs(kafka))
+    watched = [
+        topics.calls_transcribed,
+        topics.tickets_routed,
+        topics.tickets_summarized,
+        *(
+            topics.dlq(t)
+            for t in (topics.calls_recorded, topics.calls_transcribed, topics.tickets_created, topics.tickets_routed)
+        ),
+    ]
+    consumer = AIOKafkaConsumer(
+        *watched,
+        group_id=f"callstream-demo-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=kafka.session_timeout_ms,
+        **connection_kwargs(kafka),
+    )
     await consumer.start()
     task = progress.add_task("summaries", total=len(items)) if progress else None
     deadline = time.monotonic() + timeout_s
@@ -135,7 +156,8 @@ async def _collect(kafka: KafkaSettings, topics: TopicSettings, items: list[Demo
                     item.result.update(
                         intent=routed.intents[0].name if routed.intents else "",
                         confidence=round(routed.intents[0].score, 3) if routed.intents else 0.0,
-                        queue=routed.queue, needs_human=routed.needs_human,
+                        queue=routed.queue,
+                        needs_human=routed.needs_human,
                     )
                     item.text = item.text or routed.text
                 elif record.topic == topics.tickets_summarized:
@@ -155,13 +177,21 @@ async def _collect(kafka: KafkaSettings, topics: TopicSettings, items: list[Demo
 def _as_json(item: DemoInput) -> dict[str, Any]:
     summary = item.result.get("summary", {})
     return {
-        "id": item.id, "kind": item.kind, "text": item.text,
-        "intent": item.result.get("intent"), "confidence": item.result.get("confidence"),
-        "queue": item.result.get("queue"), "needs_human": item.result.get("needs_human"),
+        "id": item.id,
+        "kind": item.kind,
+        "text": item.text,
+        "intent": item.result.get("intent"),
+        "confidence": item.result.get("confidence"),
+        "queue": item.result.get("queue"),
+        "needs_human": item.result.get("needs_human"),
         "summary": summary.get("summary"),
-        "structured": {k: summary.get(k) for k in ("issue", "resolution", "action_items", "customer_sentiment",
-                                                   "follow_up_needed")} if summary else None,
-        "engine": summary.get("engine"), "model_id": summary.get("model_id"),
+        "structured": {
+            k: summary.get(k) for k in ("issue", "resolution", "action_items", "customer_sentiment", "follow_up_needed")
+        }
+        if summary
+        else None,
+        "engine": summary.get("engine"),
+        "model_id": summary.get("model_id"),
         "error": item.result.get("error"),
     }
 
@@ -172,13 +202,26 @@ def _table(items: list[DemoInput]) -> Table:
         table.add_column(column, overflow="fold")
     for item in items:
         summary = item.result.get("summary", {}).get("summary") or f"[red]{item.result.get('error', 'missing')}"
-        table.add_row(item.id, item.kind, str(item.result.get("queue", "")), str(item.result.get("intent", "")),
-                      f"{item.result.get('confidence', 0.0):.2f}", " ".join(summary.split()[:14]))
+        table.add_row(
+            item.id,
+            item.kind,
+            str(item.result.get("queue", "")),
+            str(item.result.get("intent", "")),
+            f"{item.result.get('confidence', 0.0):.2f}",
+            " ".join(summary.split()[:14]),
+        )
     return table
 
 
-def run_demo(*, inputs: Path | None, classifier: Path | None, json_output: bool, keep_running: bool,
-             broker_kind: str, timeout_s: float) -> int:
+def run_demo(
+    *,
+    inputs: Path | None,
+    classifier: Path | None,
+    json_output: bool,
+    keep_running: bool,
+    broker_kind: str,
+    timeout_s: float,
+) -> int:
     console = Console(stderr=True)
     topics = TopicSettings()
     console.print("[bold]callstream demo[/]: preparing the default classifier and sample calls")
@@ -194,7 +237,9 @@ def run_demo(*, inputs: Path | None, classifier: Path | None, json_output: bool,
         broker = LocalBroker(broker_kind).start()  # type: ignore[arg-type]
         bootstrap = broker.bootstrap_servers
         console.print(f"started a local {broker_kind} broker on {bootstrap}")
-    idempotent = broker.supports_idempotence if broker else os.environ.get("KAFKA_ENABLE_IDEMPOTENCE", "true") != "false"
+    idempotent = (
+        broker.supports_idempotence if broker else os.environ.get("KAFKA_ENABLE_IDEMPOTENCE", "true") != "false"
+    )
     kafka = KafkaSettings(bootstrap_servers=bootstrap, enable_idempotence=idempotent)
     log_dir = Path(tempfile.mkdtemp(prefix="callstream-demo-logs-"))
     services: list[ServiceProcess] = []
@@ -206,14 +251,23 @@ def run_demo(*, inputs: Path | None, classifier: Path | None, json_output: bool,
         env["CALLSTREAM_SUMMARIZER_ENGINE_ADDRESS"] = engine.address
         for name in ("transcriber", "router", "summarizer"):
             services.append(ServiceProcess(name, env, log_dir=log_dir).start())
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=False) as progress:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
             loading = progress.add_task("loading models (4 services)", total=len(services))
             for service in services:
                 service.wait_ready(READY_TIMEOUT_S)
                 progress.advance(loading)
-            console.print(f"publishing {sum(i.kind == 'call' for i in items)} calls and "
-                          f"{sum(i.kind == 'ticket' for i in items)} tickets; service logs in {log_dir}")
+            console.print(
+                f"publishing {sum(i.kind == 'call' for i in items)} calls and "
+                f"{sum(i.kind == 'ticket' for i in items)} tickets; service logs in {log_dir}"
+            )
             asyncio.run(_publish(kafka, topics, items))
             asyncio.run(_collect(kafka, topics, items, timeout_s, progress))
         if json_output:
@@ -225,8 +279,11 @@ def run_demo(*, inputs: Path | None, classifier: Path | None, json_output: bool,
         if missing:
             console.print(f"[red]{len(missing)} inputs without a summary: {', '.join(missing)}")
         if keep_running:
-            console.print(f"stack is up: broker {bootstrap}; " +
-                          ", ".join(f"{s.name} {s.address}" for s in services) + ". Ctrl-C stops it.")
+            console.print(
+                f"stack is up: broker {bootstrap}; "
+                + ", ".join(f"{s.name} {s.address}" for s in services)
+                + ". Ctrl-C stops it."
+            )
             try:
                 while all(s.proc is not None and s.proc.poll() is None for s in services):
                     time.sleep(1)

@@ -52,16 +52,23 @@ class Broker:
 
     @property
     def kafka(self) -> KafkaSettings:
-        return KafkaSettings(bootstrap_servers=self.bootstrap, enable_idempotence=self.idempotent,
-                             session_timeout_ms=self.session_timeout_ms,
-                             heartbeat_interval_ms=max(500, self.session_timeout_ms // 4))
+        return KafkaSettings(
+            bootstrap_servers=self.bootstrap,
+            enable_idempotence=self.idempotent,
+            session_timeout_ms=self.session_timeout_ms,
+            heartbeat_interval_ms=max(500, self.session_timeout_ms // 4),
+        )
 
     def env(self, **extra: str) -> dict[str, str]:
-        return stack_env(self.bootstrap, self.idempotent, {
-            "KAFKA_SESSION_TIMEOUT_MS": str(self.session_timeout_ms),
-            "KAFKA_HEARTBEAT_INTERVAL_MS": str(max(500, self.session_timeout_ms // 4)),
-            **extra,
-        })
+        return stack_env(
+            self.bootstrap,
+            self.idempotent,
+            {
+                "KAFKA_SESSION_TIMEOUT_MS": str(self.session_timeout_ms),
+                "KAFKA_HEARTBEAT_INTERVAL_MS": str(max(500, self.session_timeout_ms // 4)),
+                **extra,
+            },
+        )
 
     def start_service(self, name: str, timeout_s: float = 300.0, **extra_env: str) -> ServiceProcess:
         service = ServiceProcess(name, self.env(**extra_env), log_dir=self.log_dir).start()
@@ -82,15 +89,20 @@ class Broker:
 
         asyncio.run(go())
 
-    def consume(self, topics: list[str], until: Callable[[list[ConsumerRecord]], bool], timeout_s: float
-                ) -> list[ConsumerRecord]:
+    def consume(
+        self, topics: list[str], until: Callable[[list[ConsumerRecord]], bool], timeout_s: float
+    ) -> list[ConsumerRecord]:
         """Read `topics` from the beginning (a fresh group) until `until(records)` or the timeout."""
 
         async def go() -> list[ConsumerRecord]:
             consumer = AIOKafkaConsumer(
-                *topics, group_id=f"test-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
-                enable_auto_commit=False, session_timeout_ms=self.session_timeout_ms,
-                heartbeat_interval_ms=max(500, self.session_timeout_ms // 4), **connection_kwargs(self.kafka),
+                *topics,
+                group_id=f"test-{uuid.uuid4().hex[:8]}",
+                auto_offset_reset="earliest",
+                enable_auto_commit=False,
+                session_timeout_ms=self.session_timeout_ms,
+                heartbeat_interval_ms=max(500, self.session_timeout_ms // 4),
+                **connection_kwargs(self.kafka),
             )
             await consumer.start()
             records: list[ConsumerRecord] = []
@@ -118,8 +130,9 @@ def _broker(kind: str) -> Iterator[Broker]:
     else:
         with LocalBroker(kind) as local:  # type: ignore[arg-type]
             # noida-db refuses session timeouts under 10 s; Tansu's group join waits half of it.
-            broker = Broker(kind, local.bootstrap_servers, local.supports_idempotence,
-                            10_000 if kind == "noida" else 3_000, log_dir)
+            broker = Broker(
+                kind, local.bootstrap_servers, local.supports_idempotence, 10_000 if kind == "noida" else 3_000, log_dir
+            )
             yield from _with_topics(broker)
 
 

@@ -39,10 +39,13 @@ def _dead_letters(broker: Broker, topic: str, keys: set[bytes]) -> dict[bytes, e
 
 
 def test_non_protobuf_ticket_is_dead_lettered_and_the_next_is_routed(services: Broker) -> None:
-    services.produce(TOPICS.tickets_created, [
-        (b"junk-1", b"this is not a protobuf message {\"id\": 1}", []),
-        _ticket("after-junk-1", "I was charged twice for my subscription this month, please refund one."),
-    ])
+    services.produce(
+        TOPICS.tickets_created,
+        [
+            (b"junk-1", b'this is not a protobuf message {"id": 1}', []),
+            _ticket("after-junk-1", "I was charged twice for my subscription this month, please refund one."),
+        ],
+    )
     letters = _dead_letters(services, TOPICS.tickets_created, {b"junk-1"})
     letter = letters[b"junk-1"]
     assert letter.error_type == "MessageDecodeError"
@@ -55,12 +58,15 @@ def test_non_protobuf_ticket_is_dead_lettered_and_the_next_is_routed(services: B
 
 def test_bad_calls_are_dead_lettered_with_reasons_and_the_next_call_is_transcribed(services: Broker) -> None:
     good_audio = shared("audio", "ljspeech-LJ002-0020.wav")
-    services.produce(TOPICS.calls_recorded, [
-        (b"junk-call", b"\x00\x01\x02 not protobuf at all", []),
-        _call("corrupt-call", audio_bytes=b"RIFF\x00\x00\x00\x00WAVEfmt garbage that is not audio" * 20),
-        _call("missing-call", audio_uri="file:///nonexistent/recordings/call-404.wav"),
-        _call("good-call", audio_uri=good_audio.resolve().as_uri()),
-    ])
+    services.produce(
+        TOPICS.calls_recorded,
+        [
+            (b"junk-call", b"\x00\x01\x02 not protobuf at all", []),
+            _call("corrupt-call", audio_bytes=b"RIFF\x00\x00\x00\x00WAVEfmt garbage that is not audio" * 20),
+            _call("missing-call", audio_uri="file:///nonexistent/recordings/call-404.wav"),
+            _call("good-call", audio_uri=good_audio.resolve().as_uri()),
+        ],
+    )
     letters = _dead_letters(services, TOPICS.calls_recorded, {b"junk-call", b"corrupt-call", b"missing-call"})
     assert letters[b"junk-call"].error_type == "MessageDecodeError"
     assert letters[b"corrupt-call"].error_type == "AudioDecodeError"
@@ -78,10 +84,13 @@ def test_tickets_published_while_the_router_is_down_all_come_out(services: Broke
     assert router.stop() == 0, "router did not shut down cleanly on SIGTERM"
     services.services.remove(router)
     keys = {f"restart-{n:02d}".encode() for n in range(50)}
-    services.produce(TOPICS.tickets_created, [
-        _ticket(k.decode(), f"Ticket {n}: my card payment failed at the shop, can you check why?")
-        for n, k in enumerate(sorted(keys))
-    ])
+    services.produce(
+        TOPICS.tickets_created,
+        [
+            _ticket(k.decode(), f"Ticket {n}: my card payment failed at the shop, can you check why?")
+            for n, k in enumerate(sorted(keys))
+        ],
+    )
     services.start_service("router", CALLSTREAM_ROUTER_MODEL_DIR=starter_classifier)
     records = services.consume([TOPICS.tickets_routed], lambda rs: keys <= {r.key for r in rs}, 240)
     assert keys <= {r.key for r in records}, f"missing: {sorted(keys - {r.key for r in records})}"

@@ -49,8 +49,13 @@ def test_every_service_answers_health_and_reflection(stack: Broker, name: str) -
 def test_stereo_call_is_transcribed_per_channel_with_roles(stack: Broker) -> None:
     audio = shared("audio", "stereo_diarization.wav")
     references = json.loads(shared("audio", "references.json").read_text())["stereo_diarization.wav"]
-    call = events_pb2.CallRecorded(call_id="it-stereo-1", tenant="t1", started_at=now_timestamp(),
-                                   audio_uri=audio.resolve().as_uri(), channel_roles={0: "agent", 1: "customer"})
+    call = events_pb2.CallRecorded(
+        call_id="it-stereo-1",
+        tenant="t1",
+        started_at=now_timestamp(),
+        audio_uri=audio.resolve().as_uri(),
+        channel_roles={0: "agent", 1: "customer"},
+    )
     stack.produce(TOPICS.calls_recorded, [(b"it-stereo-1", codec.encode(call), codec.headers_for(call))])
     records = stack.consume([TOPICS.calls_transcribed], lambda rs: any(r.key == b"it-stereo-1" for r in rs), 180)
     transcripts = [t for t in decode_all(records, events_pb2.Transcript) if t.call_id == "it-stereo-1"]
@@ -69,10 +74,14 @@ def test_stereo_call_is_transcribed_per_channel_with_roles(stack: Broker) -> Non
 
 def test_a_call_and_a_ticket_reach_summaries(stack: Broker, tmp_path_factory: pytest.TempPathFactory) -> None:
     audio = shared("audio", "stereo_diarization.wav")
-    call = events_pb2.CallRecorded(call_id="it-sum-call", tenant="t1", audio_uri=str(audio.resolve()),
-                                   channel_roles={0: "agent", 1: "customer"})
+    call = events_pb2.CallRecorded(
+        call_id="it-sum-call", tenant="t1", audio_uri=str(audio.resolve()), channel_roles={0: "agent", 1: "customer"}
+    )
     ticket = events_pb2.TicketCreated(
-        ticket_id="it-sum-ticket", tenant="t1", source_channel="email", subject="Card lost",
+        ticket_id="it-sum-ticket",
+        tenant="t1",
+        source_channel="email",
+        subject="Card lost",
         body="I lost my debit card yesterday at the station. Please block it and send me a new one.",
     )
     stack.produce(TOPICS.calls_recorded, [(b"it-sum-call", codec.encode(call), codec.headers_for(call))])
@@ -81,8 +90,10 @@ def test_a_call_and_a_ticket_reach_summaries(stack: Broker, tmp_path_factory: py
     records = stack.consume([TOPICS.tickets_summarized], lambda rs: wanted <= {r.key for r in rs}, 600)
     summaries = {s.source.id: s for s in decode_all(records, events_pb2.Summary)}
     assert {"it-sum-call", "it-sum-ticket"} <= set(summaries)
-    for source_id, kind in (("it-sum-call", events_pb2.SourceRef.KIND_CALL),
-                            ("it-sum-ticket", events_pb2.SourceRef.KIND_TICKET)):
+    for source_id, kind in (
+        ("it-sum-call", events_pb2.SourceRef.KIND_CALL),
+        ("it-sum-ticket", events_pb2.SourceRef.KIND_TICKET),
+    ):
         summary = summaries[source_id]
         assert summary.source.kind == kind
         assert summary.summary.strip(), f"empty summary for {source_id}"

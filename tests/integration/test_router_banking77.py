@@ -14,8 +14,9 @@ from tests.integration.conftest import TOPICS, Broker, decode_all
 pytestmark = pytest.mark.integration
 
 
-def test_50_banking77_tickets_are_routed_with_70_percent_right_intents(broker: Broker, banking77_classifier: str
-                                                                        ) -> None:
+def test_50_banking77_tickets_are_routed_with_70_percent_right_intents(
+    broker: Broker, banking77_classifier: str
+) -> None:
     with shared("banking77", "test.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     # Every 61st row: a fixed sample spread over all 77 intents.

@@ -16,15 +16,29 @@ TOPICS = TopicSettings()
 
 def record(value: bytes = b"payload", offset: int = 7) -> ConsumerRecord:
     return ConsumerRecord(
-        topic="calls.recorded", partition=2, offset=offset, timestamp=0, timestamp_type=0, key=b"call-9",
-        value=value, checksum=None, serialized_key_size=6, serialized_value_size=len(value),
+        topic="calls.recorded",
+        partition=2,
+        offset=offset,
+        timestamp=0,
+        timestamp_type=0,
+        key=b"call-9",
+        value=value,
+        checksum=None,
+        serialized_key_size=6,
+        serialized_value_size=len(value),
         headers=[("trace", b"abc")],
     )
 
 
 def processor(handler, retry_s: float = 0.0) -> KafkaProcessor:  # type: ignore[no-untyped-def]
-    return KafkaProcessor(service="transcriber", kafka=KafkaSettings(), topics=TOPICS,
-                          input_topics=["calls.recorded"], handler=handler, transient_retry_s=retry_s)
+    return KafkaProcessor(
+        service="transcriber",
+        kafka=KafkaSettings(),
+        topics=TOPICS,
+        input_topics=["calls.recorded"],
+        handler=handler,
+        transient_retry_s=retry_s,
+    )
 
 
 def test_dead_letter_keeps_the_original_record_and_the_reason() -> None:

@@ -82,15 +82,35 @@ class LocalBroker:
             self._tmp = tempfile.TemporaryDirectory(prefix=f"callstream-{self.kind}-")
             self.data_dir = Path(self._tmp.name)
         if self.kind == "noida":
-            cmd = [_noida_binary(), "start", "--only", "kafka", "--host", self.host,
-                   "--kafka-port", str(self.port), "--data-dir", str(self.data_dir)]
+            cmd = [
+                _noida_binary(),
+                "start",
+                "--only",
+                "kafka",
+                "--host",
+                self.host,
+                "--kafka-port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ]
         else:
             url = f"tcp://{self.host}:{self.port}"
-            cmd = [_tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                   "--storage-engine", "memory://tansu/"]
+            cmd = [
+                _tansu_binary(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ]
         log.info("starting %s broker on %s", self.kind, self.bootstrap_servers)
         self._proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=open(self.data_dir / "broker.log", "wb"),  # noqa: SIM115
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.data_dir / "broker.log", "wb"),  # noqa: SIM115
             start_new_session=True,
         )
         deadline = time.monotonic() + self.startup_timeout_s
@@ -103,8 +123,9 @@ class LocalBroker:
                 return self
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"{self.kind} broker did not listen on {self.bootstrap_servers} "
-                           f"within {self.startup_timeout_s} s")
+        raise RuntimeError(
+            f"{self.kind} broker did not listen on {self.bootstrap_servers} within {self.startup_timeout_s} s"
+        )
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -124,6 +145,7 @@ class LocalBroker:
     def __enter__(self) -> LocalBroker:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

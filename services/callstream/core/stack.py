@@ -93,8 +93,9 @@ class ServiceProcess:
         return ""
 
 
-def stack_env(bootstrap_servers: str, enable_idempotence: bool, extra: Mapping[str, str] | None = None
-              ) -> dict[str, str]:
+def stack_env(
+    bootstrap_servers: str, enable_idempotence: bool, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     return {
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
         "KAFKA_ENABLE_IDEMPOTENCE": "true" if enable_idempotence else "false",

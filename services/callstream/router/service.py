@@ -117,16 +117,18 @@ class RouterKafkaHandler:
             ticket = codec.decode(events_pb2.TicketCreated, record.value, record.headers)
             if not ticket.ticket_id:
                 raise InvalidInputError("TicketCreated without ticket_id")
-            source = events_pb2.SourceRef(kind=events_pb2.SourceRef.KIND_TICKET, id=ticket.ticket_id,
-                                          topic=record.topic)
+            source = events_pb2.SourceRef(
+                kind=events_pb2.SourceRef.KIND_TICKET, id=ticket.ticket_id, topic=record.topic
+            )
             tenant, text, channel = ticket.tenant, _text_of_ticket(ticket), ticket.source_channel or "unknown"
             customer = dict(ticket.customer)
         else:
             transcript = codec.decode(events_pb2.Transcript, record.value, record.headers)
             if not transcript.call_id:
                 raise InvalidInputError("Transcript without call_id")
-            source = events_pb2.SourceRef(kind=events_pb2.SourceRef.KIND_CALL, id=transcript.call_id,
-                                          topic=record.topic)
+            source = events_pb2.SourceRef(
+                kind=events_pb2.SourceRef.KIND_CALL, id=transcript.call_id, topic=record.topic
+            )
             tenant, text, channel = transcript.tenant, transcript.text, "call"
         routed = await self.router.route(text, channel, customer)
         message = events_pb2.RoutedTicket(

@@ -42,8 +42,9 @@ async def summarize_once(text: str, kind: str, engine_address: str | None) -> di
         address = engine_address or await stack.enter_async_context(local_engine())
         client = TrtllmClient(address, load_tokenizer(settings.tokenizer), timeout_s=settings.engine_timeout_s)
         try:
-            summarizer = Summarizer(client, max_input_tokens=settings.max_input_tokens,
-                                    max_output_tokens=settings.max_output_tokens)
+            summarizer = Summarizer(
+                client, max_input_tokens=settings.max_input_tokens, max_output_tokens=settings.max_output_tokens
+            )
             result = await summarizer.summarize(text, kind)
         finally:
             await client.close()

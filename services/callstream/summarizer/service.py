@@ -28,8 +28,9 @@ from callstream.v1 import events_pb2, summarizer_pb2, summarizer_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-def summary_message(result: SummaryResult, source: events_pb2.SourceRef, tenant: str = "", queue: str = "",
-                    intent: str = "") -> events_pb2.Summary:
+def summary_message(
+    result: SummaryResult, source: events_pb2.SourceRef, tenant: str = "", queue: str = "", intent: str = ""
+) -> events_pb2.Summary:
     return events_pb2.Summary(
         source=source,
         tenant=tenant,
