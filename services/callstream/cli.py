@@ -31,13 +31,19 @@ class ServiceName(StrEnum):
 
 
 def setup_logging(level: str = "INFO") -> None:
-    from rich.logging import RichHandler
+    """Rich output on a terminal; plain timestamped lines when logs go to a file or a collector."""
+    level = os.environ.get("CALLSTREAM_LOG_LEVEL", level).upper()
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=os.environ.get("CALLSTREAM_LOG_LEVEL", level).upper(),
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(show_path=False, console=__import__("rich.console").console.Console(stderr=True))],
-    )
+        logging.basicConfig(
+            level=level,
+            format="%(name)s: %(message)s",
+            handlers=[RichHandler(show_path=False, console=Console(stderr=True))],
+        )
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("aiokafka", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -104,6 +104,17 @@ def test_missing_or_invalid_manifest(tmp_path: Path) -> None:
         read_manifest(tmp_path / "empty")
 
 
+def test_training_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
+    from callstream.router.classifier import train_classifier
+
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a classifier artifact directory"):
+        train_classifier(tmp_path / "data.csv", out, shots=None, num_iterations=0, progress=False)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
 def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,category") -> Path:
     path.write_text(header + "\n" + "".join(f"{t},{c}\n" for t, c in rows))
     return path

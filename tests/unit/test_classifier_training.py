@@ -23,7 +23,8 @@ def split_starter(out: Path) -> tuple[Path, Path]:
     with starter_data_path().open(newline="") as f:
         rows = list(csv.DictReader(f))
     seen: dict[str, int] = {}
-    train, held_out = [], []
+    train: list[dict[str, str]] = []
+    held_out: list[dict[str, str]] = []
     for row in rows:
         i = seen[row["category"]] = seen.get(row["category"], -1) + 1
         (held_out if i % 3 == 2 else train).append(row)
@@ -47,7 +48,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float
         train,
         root / "model",
         shots=None,
-        num_iterations=1,  # a short contrastive stage, so that the SetFit body path is exercised too
+        num_iterations=0,  # the default: head only on frozen embeddings (test_contrastive_stage runs SetFit's)
         epochs=1,
         seed=42,
         progress=False,
@@ -62,9 +63,31 @@ def test_starter_classifier_is_accurate_on_held_out_examples(trained: tuple[Path
     assert manifest.metrics is not None
     assert manifest.metrics["n"] == 60
     assert manifest.metrics["accuracy"] >= 0.8, manifest.metrics
-    assert manifest.training.n_train == 120 and manifest.training.num_iterations == 1
+    assert manifest.training.n_train == 120 and manifest.training.num_iterations == 0
     assert manifest.version.startswith("model-") and manifest.version.endswith(manifest.training.data_sha256[:8])
     print(f"starter training + evaluation: {seconds:.1f} s, accuracy {manifest.metrics['accuracy']:.3f}")
+
+
+def test_contrastive_stage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SetFit's body fine-tuning on a tiny sample (3 per intent, 60 pairs): it runs, saves, reloads, stays quiet."""
+    manifest = train_classifier(
+        starter_data_path(), tmp_path / "m", shots=3, num_iterations=1, epochs=1, seed=1, progress=False
+    )
+    assert (manifest.training.n_train, manifest.training.num_iterations, manifest.metrics) == (30, 1, None)
+    classifier = load_classifier(tmp_path / "m")
+    assert len(classifier.predict(["I forgot my password"], top_k=2)[0]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "it/s" not in captured.err
+
+
+def test_retraining_replaces_the_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    train_classifier(starter_data_path(), out, shots=2, num_iterations=0, progress=False)
+    manifest = train_classifier(starter_data_path(), out, shots=3, num_iterations=0, progress=False)
+    assert read_manifest(out).training.n_train == manifest.training.n_train == 30
+    assert load_classifier(out).version == manifest.version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging or old copies left behind
+    assert out.stat().st_mode & 0o777 == 0o755
 
 
 def test_predict_returns_top_k_best_first(trained: tuple[Path, Path, float]) -> None:

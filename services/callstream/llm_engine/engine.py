@@ -36,7 +36,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,7 +425,7 @@ class ContinuousBatchingEngine:
         grammar: str | None = None,
         include_stop_token: bool = False,
         trace_margins: bool = False,
-    ) -> AsyncIterator[Item]:
+    ) -> AsyncGenerator[Item, None]:
         """Stream TokenDelta items as tokens come, then one GenerationResult.
 
         The model's end-of-generation tokens always stop (unless sampling.ignore_eos); stop_token_ids add more.

@@ -31,8 +31,9 @@ from callstream.router.settings import STARTER_MODEL_NAME, RouterSettings, defau
 
 classifier_app = typer.Typer(help="Train and evaluate intent classifiers.", no_args_is_help=True)
 
-# The starter classifier: ~180 rows, so every row is used and a little contrastive fine-tuning is affordable.
-STARTER_ITERATIONS = 2
+# The starter classifier uses every row (~180). Head-only trains in ~10 s; num_iterations=2 took ~110 s on a loaded
+# machine for the same held-out accuracy (98.3%) and the same routing of the sample tickets.
+STARTER_ITERATIONS = 0
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -101,7 +102,7 @@ def eval_command(
     """Accuracy, macro F1 and per-class precision/recall of a classifier on a labelled CSV file."""
     try:
         classifier = load_classifier(model)
-        metrics = evaluate(classifier, data, text_column, label_column)
+        metrics = evaluate(classifier, data, text_column, label_column, progress=not json)
     except CallstreamError as exc:
         raise _fail(exc) from exc
     metrics = {"model": classifier.version, **metrics}
@@ -121,7 +122,7 @@ def eval_command(
     console.print(f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   n {metrics['n']}")
 
 
-def ensure_default_classifier(progress: bool = True) -> Path:
+def ensure_default_classifier(progress: bool = True, *, num_iterations: int = STARTER_ITERATIONS) -> Path:
     """The starter classifier's directory, training it first if it is missing, invalid or stale.
 
     Stale: a starter artifact trained on other data than the shipped samples/intents/starter.csv.
@@ -144,7 +145,7 @@ def ensure_default_classifier(progress: bool = True) -> Path:
         data,
         model_dir,
         shots=None,
-        num_iterations=STARTER_ITERATIONS,
+        num_iterations=num_iterations,
         epochs=1,
         seed=DEFAULT_SEED,
         progress=progress,

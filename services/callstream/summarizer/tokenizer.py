@@ -11,6 +11,8 @@ tokens. (The rendered prompt is split at each message's content and the pieces a
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import re
 import secrets
@@ -49,7 +51,9 @@ class ChatTemplate:
     """A model's jinja2 chat template, rendered the way transformers does (sandboxed, trim/lstrip blocks)."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -143,7 +147,7 @@ class GgufTokenizer:
             size = -n
 
     def _piece(self, token: int) -> str:
-        buf = self._lc.ctypes.create_string_buffer(256)
+        buf = ctypes.create_string_buffer(256)
         n = int(self._lc.llama_token_to_piece(self._vocab, token, buf, 256, 0, True))
         return buf.raw[: max(0, n)].decode("utf-8", errors="replace")
 
@@ -166,7 +170,7 @@ class GgufTokenizer:
         arr = (lc.llama_token * len(tokens))(*tokens)
         size = 8 * len(tokens) + 16
         while True:
-            buf = lc.ctypes.create_string_buffer(size)
+            buf = ctypes.create_string_buffer(size)
             # remove_special=True, unparse_special=False: control tokens (EOS, ...) do not show up as text.
             n = int(lc.llama_detokenize(self._vocab, arr, len(tokens), buf, size, True, False))
             if n >= 0:
@@ -179,10 +183,8 @@ class GgufTokenizer:
             self._model = None
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001,S110 - interpreter shutdown
-            pass
 
 
 def _token_text(value: Any) -> str:
@@ -216,7 +218,9 @@ class HfTokenizer:
         if not source and jinja_file.is_file():
             source = jinja_file.read_text()
         if not source:
-            raise ConfigError(f"tokenizer: no chat template in {self.path} (tokenizer_config.json or chat_template.jinja)")
+            raise ConfigError(
+                f"tokenizer: no chat template in {self.path} (tokenizer_config.json or chat_template.jinja)"
+            )
         bos_text, eos_text = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         self.template = ChatTemplate(str(source), bos_token=bos_text, eos_token=eos_text)
         eos: list[int] = []
