@@ -90,6 +90,21 @@ def test_retraining_replaces_the_artifact(tmp_path: Path) -> None:
     assert out.stat().st_mode & 0o777 == 0o755
 
 
+def test_ensure_default_classifier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from callstream.router.cli import ensure_default_classifier
+
+    monkeypatch.setenv("CALLSTREAM_HOME", str(tmp_path))
+    model_dir = ensure_default_classifier(progress=False)
+    assert model_dir == tmp_path / "models" / "starter-intents"
+    first = read_manifest(model_dir)
+    assert first.name == "starter-intents" and first.training.n_train == 180
+    assert ensure_default_classifier(progress=False) == model_dir
+    assert read_manifest(model_dir).version == first.version  # valid: not retrained
+    (model_dir / "config_setfit.json").write_text("{}")
+    ensure_default_classifier(progress=False)  # invalid: retrained
+    load_classifier(model_dir)
+
+
 def test_predict_returns_top_k_best_first(trained: tuple[Path, Path, float]) -> None:
     classifier = load_classifier(trained[0])
     assert isinstance(classifier, IntentClassifier)

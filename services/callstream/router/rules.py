@@ -43,8 +43,12 @@ Priority = Literal["low", "normal", "high", "urgent"]
 
 
 def _as_list(value: Any) -> Any:
-    """Allow `intent: card_lost` as well as `intent: [card_lost]`."""
-    return [value] if isinstance(value, str) else value
+    """Allow `intent: card_lost` as well as `intent: [card_lost]` (and `tier: 3` for `tier: ["3"]`)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return [str(value)]
+    return value
 
 
 StrList = Annotated[list[Annotated[str, Field(min_length=1)]], BeforeValidator(_as_list)]

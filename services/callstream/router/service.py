@@ -66,12 +66,15 @@ class Router:
 
     def _predict_batch(self, texts: Sequence[str]) -> list[Ranked]:
         assert self.classifier is not None
-        return self.classifier.predict(texts, top_k=self.settings.top_k)
+        # The full ranking: each caller cuts it to its own top_k.
+        return self.classifier.predict(texts, top_k=len(self.classifier.labels))
 
-    async def route(self, text: str, source_channel: str, customer: dict[str, str] | None = None) -> RoutedText:
+    async def route(
+        self, text: str, source_channel: str, customer: dict[str, str] | None = None, top_k: int = 0
+    ) -> RoutedText:
         if not text.strip():
             raise InvalidInputError("nothing to classify: the text is empty")
-        intents = await self.batcher.submit(text)
+        intents = (await self.batcher.submit(text))[: top_k or self.settings.top_k]
         return RoutedText(intents, self.rules.route(intents, source_channel, customer or {}))
 
 
@@ -83,14 +86,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ClassifyResponse:
         try:
-            routed = await asyncio.gather(*(self.router.route(t, request.source_channel) for t in request.texts))
+            routed = await asyncio.gather(
+                *(self.router.route(t, request.source_channel, top_k=request.top_k) for t in request.texts)
+            )
         except Exception as exc:  # noqa: BLE001 - mapped to a status
             await abort_with(context, exc)
             raise
         return router_pb2.ClassifyResponse(
             results=[
                 router_pb2.Classification(
-                    intents=[events_pb2.Label(name=n, score=s) for n, s in r.intents[: request.top_k or None]],
+                    intents=[events_pb2.Label(name=n, score=s) for n, s in r.intents],
                     queue=r.decision.queue,
                     needs_human=r.decision.needs_human,
                     rule=r.decision.rule,
