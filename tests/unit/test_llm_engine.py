@@ -223,7 +223,7 @@ def test_bad_requests_are_refused() -> None:
     async def scenario(engine: ContinuousBatchingEngine) -> None:
         info = engine.model_info
         assert info.vocab_size == 49152 and info.n_layer == 30 and 2 in info.eos_token_ids
-        assert info.n_ctx_per_seq == 1024
+        assert info.n_ctx_per_seq == 256
         cases: list[tuple[list[int], int, dict[str, Any]]] = [
             ([], 5, {}),
             ([1, 2, info.vocab_size], 5, {}),
@@ -241,4 +241,4 @@ def test_bad_requests_are_refused() -> None:
                                        sampling=SamplingParams(ignore_eos=True))
         assert result.finish_reason == "length" and len(tokens) == 3
 
-    run_engine(scenario)
+    run_engine(scenario, n_ctx=1024)
