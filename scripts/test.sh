@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/ruff check services tests bench
+.venv/bin/ruff check services tests
+.venv/bin/ruff format --check services tests
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

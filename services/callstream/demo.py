@@ -11,6 +11,7 @@ import asyncio
 import csv
 import json
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -201,7 +202,8 @@ def _table(items: list[DemoInput]) -> Table:
     for column in ("id", "kind", "queue", "intent", "confidence", "summary"):
         table.add_column(column, overflow="fold")
     for item in items:
-        summary = item.result.get("summary", {}).get("summary") or f"[red]{item.result.get('error', 'missing')}"
+        error = str(item.result.get("error", "no summary"))[:160]
+        summary = item.result.get("summary", {}).get("summary") or f"[red]{error}"
         table.add_row(
             item.id,
             item.kind,
@@ -274,7 +276,9 @@ def run_demo(
             for item in items:
                 print(json.dumps(_as_json(item)))
         else:
-            Console().print(_table(items))
+            # Wide enough for the table even when stdout is not a terminal (CI logs, pipes).
+            out = Console() if sys.stdout.isatty() else Console(width=180)
+            out.print(_table(items))
         missing = [i.id for i in items if "summary" not in i.result]
         if missing:
             console.print(f"[red]{len(missing)} inputs without a summary: {', '.join(missing)}")

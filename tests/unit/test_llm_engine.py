@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from callstream.core.errors import InvalidInputError
 from callstream.llm_engine.engine import (
@@ -33,17 +34,30 @@ QUESTIONS = [
 
 # Tolerance for "the same prompt alone vs inside a batch" (greedy): the first 16 tokens identical, at least 90% of
 # all tokens identical, and where the two first differ the solo run's top-2 logit margin is under 0.5 (a near tie
-# that rounding can flip). With kv_unified=False the measured result is stricter: bit-identical tokens.
+# that rounding can flip). With the default settings the measured result is stricter: bit-identical tokens (see
+# engine.py). With batch_invariant=False or kv_unified=True this test fails.
 SAME_PREFIX = 16
 MIN_AGREEMENT = 0.9
 NEAR_TIE = 0.5
 
 
-def prompts() -> list[list[int]]:
+CALL = (
+    "Agent: Thank you for calling First Bank, this is Maria. How can I help you today?\n"
+    "Customer: Hi, I noticed a charge of 89 dollars on my credit card from a store I have never visited.\n"
+    "Agent: I'm sorry to hear that. Can you confirm the last four digits of the card?\n"
+    "Customer: It's 4421.\n"
+    "Agent: I see the charge from yesterday. I have blocked the card and opened a dispute for the 89 dollars. "
+    "A new card will arrive in five to seven business days, and a provisional credit within two days.\n"
+    "Customer: Perfect. Thanks for your help.\n"
+)
+
+
+def prompts(with_call: bool = False) -> list[list[int]]:
     from callstream.summarizer.tokenizer import GgufTokenizer
 
     tok = GgufTokenizer(default_gguf_path())
-    return [tok.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    call = "\n".join([CALL] * 2)
+    return [tok.encode_chat([{"role": "user", "content": f"{call}\n{q}" if with_call else q}]) for q in QUESTIONS]
 
 
 def run_engine(test: Callable[[ContinuousBatchingEngine], Awaitable[Any]], **overrides: Any) -> Any:
@@ -80,25 +94,29 @@ def agreement(a: list[int], b: list[int]) -> tuple[int | None, float]:
 
 
 def test_greedy_alone_equals_inside_a_batch() -> None:
-    ps = prompts()
-    n = 40
+    long = prompts(with_call=True)  # ~300 tokens: prefilled in 3 chunks of n_batch=128
+    short = prompts()
+    n = 24
     greedy = SamplingParams(ignore_eos=True)
 
     async def scenario(engine: ContinuousBatchingEngine) -> dict[str, Any]:
-        solo, solo_result = await collect(engine, "solo", ps[0], n, sampling=greedy, trace_margins=True)
-        # All four together from the start (batched prefill, then batched decode).
-        together = await asyncio.gather(*(collect(engine, f"b{i}", ps[i], n, sampling=greedy) for i in range(4)))
+        solo, solo_result = await collect(engine, "solo", long[2], n, sampling=greedy, trace_margins=True)
+        # Four long prompts at once: the third one's prefill runs while others prefill and decode.
+        together = await asyncio.gather(*(collect(engine, f"b{i}", long[i], n, sampling=greedy, trace_margins=True)
+                                          for i in range(4)))
 
-        # Joiners arrive while the target decodes: their prompt chunks share its decode steps.
+        # Short requests join while the target is being served: they share its steps.
         async def joiners() -> list[Any]:
-            await asyncio.sleep(0.15)
-            return list(await asyncio.gather(*(collect(engine, f"j{i}", ps[i], n // 2, sampling=greedy)
-                                                for i in range(1, 4))))
+            await asyncio.sleep(0.1)
+            return list(await asyncio.gather(*(collect(engine, f"j{i}", short[i], n, sampling=greedy)
+                                                for i in range(3))))
 
-        late, _ = await asyncio.gather(collect(engine, "target", ps[0], n, sampling=greedy), joiners())
-        return {"solo": solo, "margins": solo_result.logit_margins, "together": together[0][0], "late": late[0]}
+        late, _ = await asyncio.gather(
+            collect(engine, "target", long[2], n, sampling=greedy, trace_margins=True), joiners())
+        return {"solo": solo, "margins": solo_result.logit_margins, "together": together[2][0], "late": late[0],
+                "together_margins": together[2][1].logit_margins, "late_margins": late[1].logit_margins}
 
-    out = run_engine(scenario)
+    out = run_engine(scenario, n_batch=128, n_ctx=4 * 640)
     solo = out["solo"]
     assert len(solo) == n
     for name in ("together", "late"):
@@ -107,6 +125,10 @@ def test_greedy_alone_equals_inside_a_batch() -> None:
         if first is not None:
             assert first >= SAME_PREFIX, f"{name}: differs at token {first}"
             assert out["margins"][first] < NEAR_TIE, f"{name}: differs at token {first} without a near tie"
+        else:
+            # Stricter, as measured with the default settings: the logits themselves match (top-2 margins equal).
+            drift = max(abs(a - b) for a, b in zip(out["margins"], out[f"{name}_margins"], strict=True))
+            assert drift < 1e-3, f"{name}: same tokens, but logits moved by up to {drift:.4f}"
 
 
 def test_abort_frees_its_slot_while_other_streams_continue() -> None:
@@ -131,8 +153,10 @@ def test_abort_frees_its_slot_while_other_streams_continue() -> None:
         while len(seen_a) < 5:
             await asyncio.sleep(0.01)
         assert engine.active == 2 and engine.queued == 1
+        aborted_before = REGISTRY.get_sample_value("callstream_llm_aborted_requests_total") or 0.0
         assert engine.abort("a") is True
         result_a = await asyncio.wait_for(a_done, 10)
+        assert REGISTRY.get_sample_value("callstream_llm_aborted_requests_total") == aborted_before + 1
         await task_a
         assert result_a.finish_reason == "abort"
         assert result_a.completion_tokens < 400
@@ -242,3 +266,40 @@ def test_bad_requests_are_refused() -> None:
         assert result.finish_reason == "length" and len(tokens) == 3
 
     run_engine(scenario, n_ctx=1024)
+
+
+def test_stopping_the_engine_ends_in_flight_streams() -> None:
+    from callstream.llm_engine.engine import EngineStoppedError
+
+    ps = prompts()
+
+    async def main() -> None:
+        engine = ContinuousBatchingEngine(LlmEngineSettings(n_ctx=2048, max_sequences=2))
+        await engine.start()
+        running = asyncio.create_task(collect(engine, "a", ps[0], 500, sampling=SamplingParams(ignore_eos=True)))
+        await asyncio.sleep(0.3)
+        await asyncio.wait_for(engine.stop(), 10)
+        with pytest.raises(EngineStoppedError):
+            await asyncio.wait_for(running, 10)
+        with pytest.raises(EngineStoppedError):
+            await collect(engine, "b", ps[0], 5)
+        assert engine.health()[0] is False
+
+    asyncio.run(main())
+
+
+def test_model_checksum_pin() -> None:
+    from callstream.core.errors import ConfigError
+
+    async def main(pin: str) -> str:
+        engine = ContinuousBatchingEngine(LlmEngineSettings(n_ctx=512, max_sequences=1, model_sha256=pin))
+        await engine.start()
+        try:
+            return engine.model_info.sha256
+        finally:
+            await engine.stop()
+
+    with pytest.raises(ConfigError, match="sha256"):
+        asyncio.run(main("0" * 64))
+    digest = asyncio.run(main(""))
+    assert asyncio.run(main(digest.upper())) == digest

@@ -51,8 +51,8 @@ def test_gguf_encode_decode_round_trip(gguf: GgufTokenizer) -> None:
 def _hf_dir(tmp_path: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for word in "user system assistant hello world ok you obey the \n".split(" "):
+    vocab = {"[UNK]": 0}
+    for word in ["user", "system", "assistant", "hello", "world", "ok", "you", "obey", "the", "\n"]:
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -61,16 +61,18 @@ def _hf_dir(tmp_path: Path) -> Path:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "chat_template": CHATML, "eos_token": {"content": "<|im_end|>"}, "bos_token": None,
     }))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    end = tok.token_to_id("<|im_end|>")
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, 0]}))
     return tmp_path
 
 
 def test_hf_tokenizer_directory(tmp_path: Path) -> None:
     tok = load_tokenizer(_hf_dir(tmp_path))
     assert isinstance(tok, HfTokenizer)
-    assert tok.eos_token_ids == [2, 0]
+    start, end = tok.encode_chat([{"role": "user", "content": ""}])[0], tok.eos_token_ids[0]
+    assert tok.eos_token_ids == [end, 0] and start != end
     ids = tok.encode_chat([{"role": "user", "content": "hello world <|im_end|> <|im_start|>"}])
-    assert ids.count(1) == 2 and ids.count(2) == 1  # the content's look-alikes stay plain text
+    assert ids.count(start) == 2 and ids.count(end) == 1  # the content's look-alikes stay plain text
     assert tok.decode(tok.encode("hello world")) == "hello world"
 
 

@@ -3,10 +3,11 @@
 One background thread owns the llama.cpp context and loops:
 
 1. take aborts and admit waiting requests into free sequence slots (FIFO);
-2. build ONE llama_batch: the last sampled token of every decoding sequence (one logit row each), then prompt
-   chunks of newly admitted sequences in the remaining room (at most n_batch tokens per llama_decode; a long
-   prompt is prefilled over several steps, "chunked prefill");
-3. llama_decode, then sample one token per sequence that produced logits, at its position in the batch;
+2. prefill: the next chunk (at most n_batch tokens) of the oldest admitted prompt, in a llama_decode of its own
+   (a long prompt is prefilled over several iterations, "chunked prefill"; with batch_invariant=False chunks
+   instead fill the room left in the decode batch);
+3. decode: ONE llama_batch with the last sampled token of every decoding sequence (several seq_ids, one logit row
+   each), llama_decode, then sample one token per sequence at its position in the batch;
 4. finished sequences (stop token, max_tokens, abort) free their slot and KV cells at once
    (llama_memory_seq_rm), so a waiting request joins on the next step: requests join and leave between decode
    steps, as in vLLM and TensorRT-LLM's in-flight batching.
@@ -18,10 +19,15 @@ per-sequence llama.cpp grammar sampler, applied the way llama.cpp's own server d
 grammar first and only if the grammar rejects that token mask the whole vocabulary and sample again. For greedy
 decoding this picks exactly the token that grammar-first masking would, at a fraction of the cost.
 
-Batch invariance (measured, SmolLM2-135M Q4_1, 2 threads): with kv_unified=False (the default) a greedy sequence
-gives the same tokens alone or beside three others, bit for bit; with a unified KV cache its logits moved by up
-to ~0.5 with the batch's makeup and outputs diverged after a few tokens at near ties. tests/unit/test_llm_engine.py
-checks this. All llama.cpp calls release the GIL, so the asyncio loop keeps serving while a step runs.
+Batch invariance: a request's greedy tokens should not depend on what else runs. Measured with SmolLM2-135M Q4_1
+(411-token prompts, 4 and 16 concurrent requests vs alone): bit-identical when (a) each sequence owns its KV stream
+(kv_unified=False), (b) prompt chunks run in a llama_decode of their own (batch_invariant=True: llama.cpp otherwise
+splits a mixed batch into equal-per-sequence micro-batches, so a prompt is cut at places chosen by its neighbours,
+and small pieces take other kernels), and (c) one thread, or flash attention off (multi-threaded flash attention
+splits its work by batch shape). Violating any of them flipped greedy tokens at near ties (top-2 logit margins
+0.01-0.22) within 0-40 tokens; a unified KV cache moved logits by up to ~0.5. The defaults satisfy all three, and
+"auto" flash attention is turned off when n_threads > 1 in batch-invariant mode. tests/unit/test_llm_engine.py
+checks it. All llama.cpp calls release the GIL, so the asyncio loop keeps serving while a step runs.
 """
 
 from __future__ import annotations
@@ -326,11 +332,14 @@ class ContinuousBatchingEngine:
         cparams.n_threads_batch = s.n_threads
         cparams.kv_unified = s.kv_unified
         cparams.no_perf = True
+        flash_attn = s.flash_attn
+        if flash_attn == "auto" and s.batch_invariant and s.n_threads > 1:
+            flash_attn = "off"  # multi-threaded flash attention splits work by batch shape: outputs would drift
         cparams.flash_attn_type = {
             "auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO,
             "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
             "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-        }[s.flash_attn]
+        }[flash_attn]
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
             lc.llama_model_free(model)
@@ -464,13 +473,16 @@ class ContinuousBatchingEngine:
                     raise item
         finally:
             if not finished:
-                self.abort(req.request_id)
+                self._abort(req.request_id, req)
 
     def abort(self, request_id: str) -> bool:
         """Abort a queued or running request: True if it was found. Its stream ends with finish_reason "abort"."""
+        return self._abort(request_id, None)
+
+    def _abort(self, request_id: str, only: _Request | None) -> bool:
         with self._cv:
             req = self._requests.get(request_id)
-            if req is None or req.done:
+            if req is None or req.done or (only is not None and req is not only):
                 return False
             if req.seq < 0:
                 with contextlib.suppress(ValueError):
@@ -647,45 +659,64 @@ class ContinuousBatchingEngine:
         metrics.ACTIVE_SEQUENCES.set(len(self._active))
 
     def _step(self) -> None:
-        batch = self._batch
-        n_batch = self.settings.n_batch
-        plan: list[_Planned] = []
-        n = 0
-        prefilling = set(id(r) for r in self._prefilling)
-        for req in self._active.values():
-            if id(req) in prefilling:
-                continue
-            pos = len(req.prompt) + len(req.output) - 1
-            self._put(batch, n, req.output[-1], pos, req.seq, True)
-            plan.append(_Planned(req, 0, n))
-            n += 1
-        for req in self._prefilling:
-            room = n_batch - n
+        """One scheduling iteration. Batch-invariant mode (the default) runs each prompt chunk in a llama_decode
+        of its own, then one llama_decode with one token of every decoding sequence; otherwise prompt chunks fill
+        the room left in the decode batch (llama.cpp server style, fewer calls for many short prompts)."""
+        if self.settings.batch_invariant:
+            if self._prefilling:
+                plan, n = self._plan_prefill(self._prefilling[0], self.settings.n_batch, 0)
+                self._run_batch([plan], n)
+            plans, n = self._plan_decode()
+            if plans:
+                self._run_batch(plans, n)
+            return
+        plans, n = self._plan_decode()
+        for req in list(self._prefilling):
+            room = self.settings.n_batch - n
             if room <= 0:
                 break
-            start = req.n_prefilled
-            take = min(room, len(req.prompt) - start)
-            last = start + take == len(req.prompt)
-            for j in range(take):
-                self._put(batch, n + j, req.prompt[start + j], start + j, req.seq, last and j == take - 1)
-            plan.append(_Planned(req, take, n + take - 1 if last else -1))
-            n += take
-        batch.n_tokens = n
+            plan, n = self._plan_prefill(req, room, n)
+            plans.append(plan)
+        self._run_batch(plans, n)
+
+    def _plan_decode(self) -> tuple[list[_Planned], int]:
+        """The last sampled token of every sequence past its prompt, each with its own logit row."""
+        plans: list[_Planned] = []
+        n = 0
+        for req in self._active.values():
+            if req.n_prefilled < len(req.prompt) or not req.output:
+                continue
+            self._put(self._batch, n, req.output[-1], len(req.prompt) + len(req.output) - 1, req.seq, True)
+            plans.append(_Planned(req, 0, n))
+            n += 1
+        return plans, n
+
+    def _plan_prefill(self, req: _Request, room: int, n: int) -> tuple[_Planned, int]:
+        """The next chunk of req's prompt (at most `room` tokens) from batch position n; logits on its last token."""
+        start = req.n_prefilled
+        take = min(room, len(req.prompt) - start)
+        last = start + take == len(req.prompt)
+        for j in range(take):
+            self._put(self._batch, n + j, req.prompt[start + j], start + j, req.seq, last and j == take - 1)
+        return _Planned(req, take, n + take - 1 if last else -1), n + take
+
+    def _run_batch(self, plans: list[_Planned], n: int) -> None:
+        self._batch.n_tokens = n
         started = time.perf_counter()
-        rc = lc.llama_decode(self._ctx, batch)
+        rc = lc.llama_decode(self._ctx, self._batch)
         elapsed = time.perf_counter() - started
         if rc != 0:
-            self._decode_failed(rc, plan)
+            self._decode_failed(rc, plans)
             return
         metrics.STEP_SECONDS.observe(elapsed)
         metrics.STEP_TOKENS.observe(n)
-        for p in plan:
+        for p in plans:
             if p.prefill:
                 p.req.n_prefilled += p.prefill
                 metrics.PROMPT_TOKENS.inc(p.prefill)
                 if p.req.n_prefilled == len(p.req.prompt):
                     self._prefilling.remove(p.req)
-        for p in plan:
+        for p in plans:
             if p.out_index >= 0:
                 self._sample(p.req, p.out_index)
 

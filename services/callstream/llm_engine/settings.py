@@ -64,5 +64,10 @@ class LlmEngineSettings(ServiceSettings):
     max_queued_requests: int = Field(default=64, ge=0)
     # See the module docstring: False gives batch-invariant outputs and a fixed per-request context.
     kv_unified: bool = False
+    # True: every prompt chunk runs in a llama_decode of its own (chunked at n_batch from the prompt's start), so a
+    # request's tokens do not depend on what else runs. False: chunks share the decode batch (llama.cpp server
+    # style: fewer calls when many short prompts arrive), but then llama.cpp splits them around the other
+    # sequences' tokens and greedy outputs flip at near ties (measured: top-2 margins 0.01-0.2 logits).
+    batch_invariant: bool = True
     # llama.cpp flash attention: "auto", "on" or "off".
     flash_attn: str = Field(default="auto", pattern="^(auto|on|off)$")

@@ -10,10 +10,8 @@ from typing import Any
 
 from callstream.core.broker import free_port
 from callstream.core.grpc_server import run_service
-from callstream.summarizer.engine_client import TrtllmClient
+from callstream.summarizer.service import connect
 from callstream.summarizer.settings import SummarizerSettings
-from callstream.summarizer.summarize import Summarizer
-from callstream.summarizer.tokenizer import load_tokenizer
 
 
 @contextlib.asynccontextmanager
@@ -39,12 +37,10 @@ async def local_engine() -> AsyncIterator[str]:
 async def summarize_once(text: str, kind: str, engine_address: str | None) -> dict[str, Any]:
     settings = SummarizerSettings()
     async with contextlib.AsyncExitStack() as stack:
-        address = engine_address or await stack.enter_async_context(local_engine())
-        client = TrtllmClient(address, load_tokenizer(settings.tokenizer), timeout_s=settings.engine_timeout_s)
+        if engine_address is None:
+            engine_address = await stack.enter_async_context(local_engine())
+        client, summarizer = connect(settings, engine_address)
         try:
-            summarizer = Summarizer(
-                client, max_input_tokens=settings.max_input_tokens, max_output_tokens=settings.max_output_tokens
-            )
             result = await summarizer.summarize(text, kind)
         finally:
             await client.close()

@@ -55,6 +55,21 @@ def _kind(source: events_pb2.SourceRef) -> str:
     return "call" if source.kind == events_pb2.SourceRef.KIND_CALL else "ticket"
 
 
+def connect(settings: SummarizerSettings, engine_address: str | None = None) -> tuple[TrtllmClient, Summarizer]:
+    """The engine client (with the model's own tokenizer) and the summarizer, as the settings describe them."""
+    tokenizer = load_tokenizer(settings.tokenizer)
+    client = TrtllmClient(engine_address or settings.engine_address, tokenizer, timeout_s=settings.engine_timeout_s)
+    summarizer = Summarizer(
+        client,
+        max_input_tokens=settings.max_input_tokens,
+        max_output_tokens=settings.max_output_tokens,
+        temperature=settings.temperature,
+        repetition_penalty=settings.repetition_penalty,
+        retry_repetition_penalty=settings.retry_repetition_penalty,
+    )
+    return client, summarizer
+
+
 class SummarizerComponent:
     """Holds the engine client; connects at start and checks that the engine answers."""
 
@@ -65,13 +80,7 @@ class SummarizerComponent:
         self._slots = asyncio.Semaphore(settings.max_concurrency)
 
     async def start(self) -> None:
-        tokenizer = await asyncio.to_thread(load_tokenizer, self.settings.tokenizer)
-        self.client = TrtllmClient(self.settings.engine_address, tokenizer, timeout_s=self.settings.engine_timeout_s)
-        self.summarizer = Summarizer(
-            self.client,
-            max_input_tokens=self.settings.max_input_tokens,
-            max_output_tokens=self.settings.max_output_tokens,
-        )
+        self.client, self.summarizer = await asyncio.to_thread(connect, self.settings)
         log.info("summarizer: engine at %s", self.settings.engine_address)
 
     async def stop(self) -> None:

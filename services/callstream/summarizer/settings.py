@@ -27,8 +27,12 @@ class SummarizerSettings(ServiceSettings):
     tokenizer: str = Field(default_factory=default_tokenizer)
     max_input_tokens: int = 1536
     max_output_tokens: int = 256
-    engine_timeout_s: float = 120.0
+    temperature: float = 0.0
+    # SmolLM2 loops under plain greedy decoding; None leaves the engine's default.
+    repetition_penalty: float | None = 1.1
+    retry_repetition_penalty: float = 1.15
+    engine_timeout_s: float = 600.0
     # Requests in flight to the engine at once; the engine batches them continuously.
     max_concurrency: int = 16
     # How long Kafka records are retried while the engine is unavailable before they are dead-lettered.
-    engine_retry_s: float = 120.0
+    engine_retry_s: float = 600.0
