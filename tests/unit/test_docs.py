@@ -17,8 +17,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.mark.parametrize(
-    "settings", [TranscriberSettings, RouterSettings, SummarizerSettings, LlmEngineSettings, KafkaSettings,
-                 TopicSettings]
+    "settings",
+    [TranscriberSettings, RouterSettings, SummarizerSettings, LlmEngineSettings, KafkaSettings, TopicSettings],
 )
 def test_every_setting_is_documented(settings: type[BaseModel]) -> None:
     text = (DOCS / "configuration.md").read_text()

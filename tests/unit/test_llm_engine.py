@@ -74,8 +74,9 @@ def run_engine(test: Callable[[ContinuousBatchingEngine], Awaitable[Any]], **ove
     return asyncio.run(main())
 
 
-async def collect(engine: ContinuousBatchingEngine, request_id: str, prompt: list[int], max_tokens: int,
-                  **kwargs: Any) -> tuple[list[int], GenerationResult]:
+async def collect(
+    engine: ContinuousBatchingEngine, request_id: str, prompt: list[int], max_tokens: int, **kwargs: Any
+) -> tuple[list[int], GenerationResult]:
     tokens: list[int] = []
     result: GenerationResult | None = None
     async for item in engine.generate(request_id, prompt, max_tokens, **kwargs):
@@ -102,19 +103,28 @@ def test_greedy_alone_equals_inside_a_batch() -> None:
     async def scenario(engine: ContinuousBatchingEngine) -> dict[str, Any]:
         solo, solo_result = await collect(engine, "solo", long[2], n, sampling=greedy, trace_margins=True)
         # Four long prompts at once: the third one's prefill runs while others prefill and decode.
-        together = await asyncio.gather(*(collect(engine, f"b{i}", long[i], n, sampling=greedy, trace_margins=True)
-                                          for i in range(4)))
+        together = await asyncio.gather(
+            *(collect(engine, f"b{i}", long[i], n, sampling=greedy, trace_margins=True) for i in range(4))
+        )
 
         # Short requests join while the target is being served: they share its steps.
         async def joiners() -> list[Any]:
             await asyncio.sleep(0.1)
-            return list(await asyncio.gather(*(collect(engine, f"j{i}", short[i], n, sampling=greedy)
-                                                for i in range(3))))
+            return list(
+                await asyncio.gather(*(collect(engine, f"j{i}", short[i], n, sampling=greedy) for i in range(3)))
+            )
 
         late, _ = await asyncio.gather(
-            collect(engine, "target", long[2], n, sampling=greedy, trace_margins=True), joiners())
-        return {"solo": solo, "margins": solo_result.logit_margins, "together": together[2][0], "late": late[0],
-                "together_margins": together[2][1].logit_margins, "late_margins": late[1].logit_margins}
+            collect(engine, "target", long[2], n, sampling=greedy, trace_margins=True), joiners()
+        )
+        return {
+            "solo": solo,
+            "margins": solo_result.logit_margins,
+            "together": together[2][0],
+            "late": late[0],
+            "together_margins": together[2][1].logit_margins,
+            "late_margins": late[1].logit_margins,
+        }
 
     out = run_engine(scenario, n_batch=128, n_ctx=4 * 640)
     solo = out["solo"]
@@ -229,11 +239,13 @@ def test_json_schema_guided_decoding() -> None:
 
     async def scenario(engine: ContinuousBatchingEngine) -> list[tuple[list[int], GenerationResult]]:
         sampling = SamplingParams(repetition_penalty=1.1)
-        return list(await asyncio.gather(
-            collect(engine, "g0", ps[0], 120, sampling=sampling, guided_json_schema=schema),
-            collect(engine, "g1", ps[1], 120, sampling=sampling, guided_json_schema=json.dumps(schema)),
-            collect(engine, "free", ps[2], 20),  # an unguided neighbour in the same batch
-        ))
+        return list(
+            await asyncio.gather(
+                collect(engine, "g0", ps[0], 120, sampling=sampling, guided_json_schema=schema),
+                collect(engine, "g1", ps[1], 120, sampling=sampling, guided_json_schema=json.dumps(schema)),
+                collect(engine, "free", ps[2], 20),  # an unguided neighbour in the same batch
+            )
+        )
 
     results = run_engine(scenario)
     for tokens, result in results[:2]:
@@ -261,8 +273,9 @@ def test_bad_requests_are_refused() -> None:
                 await collect(engine, "bad", prompt, max_tokens, **kwargs)
         assert engine.active == 0 and engine.queued == 0
         # max_tokens is clamped to the slot's room: finish_reason "length" at the end of the context.
-        tokens, result = await collect(engine, "edge", [1] * (info.n_ctx_per_seq - 3), 50,
-                                       sampling=SamplingParams(ignore_eos=True))
+        tokens, result = await collect(
+            engine, "edge", [1] * (info.n_ctx_per_seq - 3), 50, sampling=SamplingParams(ignore_eos=True)
+        )
         assert result.finish_reason == "length" and len(tokens) == 3
 
     run_engine(scenario, n_ctx=1024)

@@ -31,8 +31,16 @@ if not default_gguf_path().is_file():  # pragma: no cover
 
 @contextlib.asynccontextmanager
 async def serving(**overrides: Any) -> AsyncIterator[tuple[str, ContinuousBatchingEngine]]:
-    settings = LlmEngineSettings(**{"grpc_port": free_port(), "metrics_port": 0, "n_ctx": 4096, "max_sequences": 4,
-                                    "shutdown_grace_s": 1.0, **overrides})
+    settings = LlmEngineSettings(
+        **{
+            "grpc_port": free_port(),
+            "metrics_port": 0,
+            "n_ctx": 4096,
+            "max_sequences": 4,
+            "shutdown_grace_s": 1.0,
+            **overrides,
+        }
+    )
     ready, stop = asyncio.Event(), asyncio.Event()
     runtime = build_runtime(settings)
     engine = runtime.components[0]
@@ -76,14 +84,20 @@ def test_generate_info_health_and_reflection() -> None:
         generation = await client.generate([{"role": "user", "content": "What is the capital of France?"}], 24)
         assert generation.finish_reason in ("stop", "length") and generation.completion_tokens > 0
         assert generation.text.strip() and generation.prompt_tokens > 5
-        schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
-                  "additionalProperties": False}
-        guided = await client.generate([{"role": "user", "content": "Name a city in France, as JSON."}], 40,
-                                       json_schema=schema)
+        schema = {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        }
+        guided = await client.generate(
+            [{"role": "user", "content": "Name a city in France, as JSON."}], 40, json_schema=schema
+        )
         assert guided.finish_reason == "stop" and set(json.loads(guided.text)) == {"city"}
         async with grpc.aio.insecure_channel(address) as channel:
             status = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="trtllm.TrtllmService"))
+                health_pb2.HealthCheckRequest(service="trtllm.TrtllmService")
+            )
             assert status.status == health_pb2.HealthCheckResponse.SERVING
 
     run(scenario)

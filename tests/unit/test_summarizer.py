@@ -56,22 +56,46 @@ class FakeClient:
         self.tokenizer = tokenizer
 
     async def model_info(self) -> EngineInfo:
-        return EngineInfo(model_id="fake-model", max_input_len=4095, max_seq_len=4096, max_batch_size=8,
-                          vocab_size=100, supported_features=["guided_decoding"], backend="fake", version="0")
+        return EngineInfo(
+            model_id="fake-model",
+            max_input_len=4095,
+            max_seq_len=4096,
+            max_batch_size=8,
+            vocab_size=100,
+            supported_features=["guided_decoding"],
+            backend="fake",
+            version="0",
+        )
 
-    async def generate(self, messages: list[dict[str, str]], max_tokens: int, json_schema: dict[str, Any] | None = None,
-                       temperature: float = 0.0, *, repetition_penalty: float | None = None) -> Generation:
-        self.calls.append({"messages": messages, "max_tokens": max_tokens, "schema": json_schema,
-                           "temperature": temperature, "repetition_penalty": repetition_penalty})
+    async def generate(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        json_schema: dict[str, Any] | None = None,
+        temperature: float = 0.0,
+        *,
+        repetition_penalty: float | None = None,
+    ) -> Generation:
+        self.calls.append(
+            {
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "schema": json_schema,
+                "temperature": temperature,
+                "repetition_penalty": repetition_penalty,
+            }
+        )
         out = self.outputs.pop(0)
         text, finish = out if isinstance(out, tuple) else (out, "stop")
         return Generation(text=text, prompt_tokens=100, completion_tokens=50, finish_reason=finish, latency_s=0.5)
 
 
-def summarize(client: FakeClient, text: str = "Agent: hello. Customer: my card was stolen.", kind: str = "call",
-              **kwargs: Any) -> Any:
-    return asyncio.run(Summarizer(client, **{"max_input_tokens": 1536, "max_output_tokens": 256, **kwargs})
-                       .summarize(text, kind))
+def summarize(
+    client: FakeClient, text: str = "Agent: hello. Customer: my card was stolen.", kind: str = "call", **kwargs: Any
+) -> Any:
+    return asyncio.run(
+        Summarizer(client, **{"max_input_tokens": 1536, "max_output_tokens": 256, **kwargs}).summarize(text, kind)
+    )
 
 
 def test_valid_output_becomes_a_result() -> None:

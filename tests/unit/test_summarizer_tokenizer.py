@@ -58,9 +58,15 @@ def _hf_dir(tmp_path: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": CHATML, "eos_token": {"content": "<|im_end|>"}, "bos_token": None,
-    }))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": CHATML,
+                "eos_token": {"content": "<|im_end|>"},
+                "bos_token": None,
+            }
+        )
+    )
     end = tok.token_to_id("<|im_end|>")
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [end, 0]}))
     return tmp_path

@@ -289,8 +289,13 @@ class ContinuousBatchingEngine:
         self._thread.start()
         log.info(
             "llm engine: %s (%s), %d slots x %d tokens, n_batch %d, %d threads, kv_unified=%s",
-            self._info.model_id, self._info.description, self._info.max_sequences, self._info.n_ctx_per_seq,
-            self._info.n_batch, self.settings.n_threads, self._info.kv_unified,
+            self._info.model_id,
+            self._info.description,
+            self._info.max_sequences,
+            self._info.n_ctx_per_seq,
+            self._info.n_batch,
+            self.settings.n_threads,
+            self._info.kv_unified,
         )
 
     async def stop(self) -> None:
@@ -343,8 +348,9 @@ class ContinuousBatchingEngine:
         ctx = lc.llama_init_from_model(model, cparams)
         if not ctx:
             lc.llama_model_free(model)
-            raise ConfigError(f"llm engine: llama.cpp could not create a context (n_ctx={s.n_ctx}, "
-                              f"max_sequences={s.max_sequences})")
+            raise ConfigError(
+                f"llm engine: llama.cpp could not create a context (n_ctx={s.n_ctx}, max_sequences={s.max_sequences})"
+            )
         self._model, self._ctx = model, ctx
         self._vocab = lc.llama_model_get_vocab(model)
         self._mem = lc.llama_get_memory(ctx)
@@ -362,8 +368,17 @@ class ContinuousBatchingEngine:
         desc = ctypes.create_string_buffer(256)
         lc.llama_model_desc(model, desc, 256)
         bos = int(lc.llama_vocab_bos(self._vocab))
-        metadata = {k: v for k in ("general.name", "general.architecture", "general.license", "general.size_label",
-                                   "tokenizer.chat_template") if (v := meta_str(model, k)) is not None}
+        metadata = {
+            k: v
+            for k in (
+                "general.name",
+                "general.architecture",
+                "general.license",
+                "general.size_label",
+                "tokenizer.chat_template",
+            )
+            if (v := meta_str(model, k)) is not None
+        }
         return ModelInfo(
             model_id=path.name,
             path=str(path),
@@ -449,9 +464,17 @@ class ContinuousBatchingEngine:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        req = self._submit(request_id, prompt_token_ids, max_tokens, sampling or SamplingParams(),
-                           grammar_for(guided_json_schema, grammar), stop_token_ids, include_stop_token, emit,
-                           trace_margins)
+        req = self._submit(
+            request_id,
+            prompt_token_ids,
+            max_tokens,
+            sampling or SamplingParams(),
+            grammar_for(guided_json_schema, grammar),
+            stop_token_ids,
+            include_stop_token,
+            emit,
+            trace_margins,
+        )
         finished = False
         try:
             while True:
@@ -539,8 +562,9 @@ class ContinuousBatchingEngine:
             if not grammar:
                 self._reject("invalid")
                 raise InvalidInputError("guided decoding: llama.cpp could not parse the grammar")
-        req = _Request(request_id, prompt_ids, max_tokens, sampling, grammar, stop_ids, include_stop_token, emit,
-                       trace_margins)
+        req = _Request(
+            request_id, prompt_ids, max_tokens, sampling, grammar, stop_ids, include_stop_token, emit, trace_margins
+        )
         if sampling.bad_token_ids:
             req.mask = np.array(sorted(set(sampling.bad_token_ids)), dtype=np.int64)
         if sampling.min_tokens > 0 and stop_ids:
@@ -553,7 +577,9 @@ class ContinuousBatchingEngine:
                 retry = self._retry_after_locked()
                 problem = EngineOverloadedError(
                     f"llm engine queue is full ({len(self._waiting)} waiting, {len(self._active)} running); "
-                    f"retry in {retry:.1f} s", retry)
+                    f"retry in {retry:.1f} s",
+                    retry,
+                )
             elif self._stopping:
                 problem = EngineStoppedError("the llm engine is stopping")
             if problem is None:
@@ -583,8 +609,7 @@ class ContinuousBatchingEngine:
         try:
             while True:
                 with self._cv:
-                    while (not self._stopping and not self._waiting and not self._abort_ids
-                           and not self._active):
+                    while not self._stopping and not self._waiting and not self._abort_ids and not self._active:
                         self._cv.wait()
                     if self._stopping:
                         break
@@ -600,8 +625,9 @@ class ContinuousBatchingEngine:
             log.exception("llm engine thread failed")
             self._fatal = exc
         finally:
-            error = EngineStoppedError("the llm engine stopped" if self._fatal is None
-                                       else f"the llm engine failed: {self._fatal!r}")
+            error = EngineStoppedError(
+                "the llm engine stopped" if self._fatal is None else f"the llm engine failed: {self._fatal!r}"
+            )
             for req in list(self._active.values()):
                 self._release(req)
                 self._fail(req, error)
@@ -635,8 +661,12 @@ class ContinuousBatchingEngine:
         if sp.penalized or not sp.greedy:
             chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
             if sp.penalized:
-                lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_penalties(
-                    self._n_vocab, PENALTY_LAST_N, sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty))
+                lc.llama_sampler_chain_add(
+                    chain,
+                    lc.llama_sampler_init_penalties(
+                        self._n_vocab, PENALTY_LAST_N, sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty
+                    ),
+                )
             if sp.greedy:
                 lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
             else:
@@ -732,8 +762,9 @@ class ContinuousBatchingEngine:
         if rc == 1 and len(plan) > 1:
             # No KV slot for the whole batch: give up the most recently admitted request, keep the others.
             victim = max((p.req for p in plan), key=lambda r: r.scheduled)
-            log.warning("llm engine: llama_decode found no KV room (%d sequences); failing %s",
-                        len(plan), victim.request_id)
+            log.warning(
+                "llm engine: llama_decode found no KV room (%d sequences); failing %s", len(plan), victim.request_id
+            )
             self._release(victim)
             self._fail(victim, TransientError("the llm engine ran out of KV cache; retry"))
             return
@@ -869,8 +900,15 @@ class ContinuousBatchingEngine:
             req.grammar = None
         self._complete(req, reason, None, None, None, locked=True)
 
-    def _complete(self, req: _Request, reason: str, matched: int | None, ttft: float | None, tpot: float | None,
-                  locked: bool = False) -> None:
+    def _complete(
+        self,
+        req: _Request,
+        reason: str,
+        matched: int | None,
+        ttft: float | None,
+        tpot: float | None,
+        locked: bool = False,
+    ) -> None:
         if locked:
             req.done = True
             self._requests.pop(req.request_id, None)
@@ -883,22 +921,24 @@ class ContinuousBatchingEngine:
         metrics.REQUESTS_FINISHED.labels(reason).inc()
         if reason == "abort":
             metrics.ABORTED_REQUESTS.inc()
-        req.emit(GenerationResult(
-            request_id=req.request_id,
-            output_token_ids=list(req.output),
-            finish_reason=reason,
-            matched_stop_token_id=matched,
-            prompt_tokens=len(req.prompt),
-            completion_tokens=len(req.output),
-            arrival_time=req.arrival,
-            first_scheduled_time=req.scheduled,
-            first_token_time=req.first_token,
-            last_token_time=req.last_token,
-            queue_time_s=(req.scheduled - req.arrival) if req.scheduled else time.time() - req.arrival,
-            time_to_first_token_s=ttft,
-            time_per_output_token_s=tpot,
-            logit_margins=req.margins,
-        ))
+        req.emit(
+            GenerationResult(
+                request_id=req.request_id,
+                output_token_ids=list(req.output),
+                finish_reason=reason,
+                matched_stop_token_id=matched,
+                prompt_tokens=len(req.prompt),
+                completion_tokens=len(req.output),
+                arrival_time=req.arrival,
+                first_scheduled_time=req.scheduled,
+                first_token_time=req.first_token,
+                last_token_time=req.last_token,
+                queue_time_s=(req.scheduled - req.arrival) if req.scheduled else time.time() - req.arrival,
+                time_to_first_token_s=ttft,
+                time_per_output_token_s=tpot,
+                logit_margins=req.margins,
+            )
+        )
 
     def _fail(self, req: _Request, error: BaseException) -> None:
         with self._cv:

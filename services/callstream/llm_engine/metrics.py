@@ -18,17 +18,13 @@ TPOT_SECONDS = Histogram(
     "Mean time between output tokens of a request (after the first)",
     buckets=_TOKEN_BUCKETS,
 )
-REQUEST_SECONDS = Histogram(
-    "callstream_llm_request_seconds", "Arrival to the last token", buckets=_LATENCY_BUCKETS
-)
+REQUEST_SECONDS = Histogram("callstream_llm_request_seconds", "Arrival to the last token", buckets=_LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("callstream_llm_prompt_tokens_total", "Prompt tokens prefilled")
 GENERATION_TOKENS = Counter("callstream_llm_generation_tokens_total", "Output tokens generated")
 REQUESTS_FINISHED = Counter(
     "callstream_llm_requests_finished_total", "Requests that ended, by finish reason", ["finish_reason"]
 )
-REQUESTS_REJECTED = Counter(
-    "callstream_llm_requests_rejected_total", "Requests refused before queueing", ["reason"]
-)
+REQUESTS_REJECTED = Counter("callstream_llm_requests_rejected_total", "Requests refused before queueing", ["reason"])
 ABORTED_REQUESTS = Counter(
     "callstream_llm_aborted_requests_total", "Requests aborted (Abort RPC, client cancellation or shutdown)"
 )

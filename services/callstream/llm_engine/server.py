@@ -123,8 +123,7 @@ def _refuse_unsupported(request: pb.GenerateRequest) -> None:
         unsupported.append("stop/bad strings (send stop_token_ids / bad_token_ids)")
     if request.embedding_bias:
         unsupported.append("embedding_bias")
-    for name in ("lora_config", "prompt_tuning_config", "multimodal_input", "disaggregated_params",
-                 "lookahead_config"):
+    for name in ("lora_config", "prompt_tuning_config", "multimodal_input", "disaggregated_params", "lookahead_config"):
         if request.HasField(name):
             unsupported.append(name)
     oc = request.output_config
@@ -176,8 +175,14 @@ class TrtllmServicer(pb_grpc.TrtllmServiceServicer):
             schema, grammar = guide_from_proto(request)
             prompt = list(request.tokenized.input_token_ids)
             stream = self.engine.generate(
-                request_id, prompt, request.max_tokens, sampling, schema, list(request.stop_token_ids),
-                grammar=grammar, include_stop_token=request.include_stop_token_in_output,
+                request_id,
+                prompt,
+                request.max_tokens,
+                sampling,
+                schema,
+                list(request.stop_token_ids),
+                grammar=grammar,
+                include_stop_token=request.include_stop_token_in_output,
             )
             completion = 0
             async with contextlib.aclosing(stream):
@@ -185,8 +190,12 @@ class TrtllmServicer(pb_grpc.TrtllmServiceServicer):
                     if isinstance(item, TokenDelta):
                         completion += len(item.token_ids)
                         if request.streaming:
-                            yield pb.GenerateResponse(request_id=request_id, chunk=pb.GenerateStreamChunk(
-                                token_ids=item.token_ids, prompt_tokens=len(prompt), completion_tokens=completion))
+                            yield pb.GenerateResponse(
+                                request_id=request_id,
+                                chunk=pb.GenerateStreamChunk(
+                                    token_ids=item.token_ids, prompt_tokens=len(prompt), completion_tokens=completion
+                                ),
+                            )
                     elif isinstance(item, GenerationResult):
                         yield pb.GenerateResponse(request_id=request_id, complete=complete_message(item))
         except EngineOverloadedError as exc:

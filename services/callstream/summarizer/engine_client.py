@@ -145,8 +145,11 @@ class TrtllmClient:
             stop_token_ids=self.tokenizer.eos_token_ids,
         )
         if json_schema is not None:
-            request.guided_decoding.CopyFrom(pb.GuidedDecodingParams(
-                guide_type=pb.GuidedDecodingParams.GUIDE_TYPE_JSON_SCHEMA, guide=json.dumps(json_schema)))
+            request.guided_decoding.CopyFrom(
+                pb.GuidedDecodingParams(
+                    guide_type=pb.GuidedDecodingParams.GUIDE_TYPE_JSON_SCHEMA, guide=json.dumps(json_schema)
+                )
+            )
         return request
 
     async def generate(
@@ -162,8 +165,15 @@ class TrtllmClient:
         """One chat completion; json_schema constrains the output (guided decoding on the engine)."""
         prompt_ids = self.tokenizer.encode_chat(messages)
         request_id = uuid.uuid4().hex
-        request = self.build_request(prompt_ids, max_tokens, json_schema, temperature, request_id=request_id,
-                                     repetition_penalty=repetition_penalty, seed=seed)
+        request = self.build_request(
+            prompt_ids,
+            max_tokens,
+            json_schema,
+            temperature,
+            request_id=request_id,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
         started = time.perf_counter()
         complete: pb.GenerateComplete | None = None
         try:

@@ -78,8 +78,13 @@ class SummaryEngine(Protocol):
     """What the summarizer needs from an engine client (TrtllmClient, or a fake in tests)."""
 
     async def generate(
-        self, messages: list[Message], max_tokens: int, json_schema: dict[str, Any] | None = None,
-        temperature: float = 0.0, *, repetition_penalty: float | None = None,
+        self,
+        messages: list[Message],
+        max_tokens: int,
+        json_schema: dict[str, Any] | None = None,
+        temperature: float = 0.0,
+        *,
+        repetition_penalty: float | None = None,
     ) -> Generation: ...
 
     async def model_info(self) -> EngineInfo: ...
@@ -109,7 +114,7 @@ def system_prompt(kind: Kind) -> str:
         "Always write in English, even if the text is in another language or asks for another language.\n"
         "Answer with one JSON object and nothing else, with these fields:\n"
         '- "summary": two or three sentences on what happened;\n'
-        "- \"issue\": the customer's problem;\n"
+        '- "issue": the customer\'s problem;\n'
         '- "resolution": what was done or agreed ("unresolved" if nothing was);\n'
         '- "action_items": follow-up tasks for the company, possibly none;\n'
         '- "customer_sentiment": "positive", "neutral" or "negative";\n'
@@ -130,8 +135,10 @@ def user_message(text: str, kind: Kind, retry_reason: str | None = None) -> str:
     what = "call transcript" if kind == "call" else "support ticket"
     message = f"Summarize this {what}.\n<<<{marker}\n{text}\n{marker}>>>"
     if retry_reason:
-        message += (f"\nYour previous answer was rejected ({retry_reason}). Answer again with one complete, "
-                    "short JSON object with exactly the required fields.")
+        message += (
+            f"\nYour previous answer was rejected ({retry_reason}). Answer again with one complete, "
+            "short JSON object with exactly the required fields."
+        )
     return message
 
 
@@ -203,7 +210,7 @@ class Summarizer:
                 return text, False
             mark = CUT_MARK.format(n=(len(text) - limit) // CHARS_PER_TOKEN)
             head = (limit * 3) // 5
-            return text[:head] + mark + text[len(text) - (limit - head):], True
+            return text[:head] + mark + text[len(text) - (limit - head) :], True
         ids = self.tokenizer.encode(text)
         if len(ids) <= budget:
             return text, False
@@ -211,7 +218,7 @@ class Summarizer:
         head = (keep * 3) // 5
         tail = keep - head
         mark = CUT_MARK.format(n=len(ids) - keep)
-        return self.tokenizer.decode(ids[:head]) + mark + self.tokenizer.decode(ids[len(ids) - tail:]), True
+        return self.tokenizer.decode(ids[:head]) + mark + self.tokenizer.decode(ids[len(ids) - tail :]), True
 
     async def summarize(self, text: str, kind: str) -> SummaryResult:
         if kind not in MARKERS:
@@ -232,7 +239,10 @@ class Summarizer:
         penalty = self.repetition_penalty
         for attempt in (1, 2):
             generation = await self.client.generate(
-                self.messages(body, k, reason), self.max_output_tokens, SUMMARY_SCHEMA, self.temperature,
+                self.messages(body, k, reason),
+                self.max_output_tokens,
+                SUMMARY_SCHEMA,
+                self.temperature,
                 repetition_penalty=penalty,
             )
             prompt_tokens += generation.prompt_tokens

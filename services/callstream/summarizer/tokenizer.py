@@ -66,8 +66,9 @@ class ChatTemplate:
 
     def render(self, messages: list[Message]) -> str:
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                         eos_token=self.eos_token)
+            return self._template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos_token, eos_token=self.eos_token
+            )
         except TemplateError as exc:
             raise InvalidInputError(f"chat template: {exc}") from exc
 
@@ -81,7 +82,7 @@ class ChatTemplate:
         seen: set[str] = set()
         for match in pattern.finditer(rendered):
             if match.start() > pos:
-                pieces.append((rendered[pos:match.start()], True))
+                pieces.append((rendered[pos : match.start()], True))
             index = marks.index(match.group(0))
             seen.add(match.group(0))
             pieces.append((messages[index]["content"], False))
