@@ -245,6 +245,9 @@ def _register_subapps() -> None:
         print(f"warning: classifier commands unavailable: {exc}", file=sys.stderr)
         return
     app.add_typer(classifier_app, name="classifier", help="Train and evaluate intent classifiers.")
+    from callstream.bench import bench_app
+
+    app.add_typer(bench_app, name="bench")
 
 
 _register_subapps()
