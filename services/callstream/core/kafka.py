@@ -30,7 +30,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from callstream.core import codec, metrics
 from callstream.core.errors import TransientError
-from callstream.core.settings import KafkaSettings, TopicSettings
+from callstream.core.grpc_server import Component, GrpcService, ServiceRuntime
+from callstream.core.settings import KafkaSettings, ServiceSettings, TopicSettings
 from callstream.v1 import events_pb2
 
 log = logging.getLogger(__name__)
@@ -253,3 +254,39 @@ class KafkaProcessor:
         finally:
             metrics.EVENT_SECONDS.labels(self.service).observe(time.perf_counter() - started)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def kafka_service_runtime(
+    *,
+    name: str,
+    settings: ServiceSettings,
+    model: Component,
+    grpc_service: GrpcService,
+    input_topics: list[str],
+    handler: Handler,
+    transient_retry_s: float = 60.0,
+) -> ServiceRuntime:
+    """A service that answers gRPC and, when `settings.consume`, consumes `input_topics` with `handler`.
+
+    The model component starts first (health stays NOT_SERVING while it loads), the Kafka processor after it;
+    the service stops if the Kafka loop dies.
+    """
+    components: list[Component] = [model]
+    processor: KafkaProcessor | None = None
+    if settings.consume:
+        processor = KafkaProcessor(
+            service=name,
+            kafka=settings.kafka,
+            topics=settings.topics,
+            input_topics=input_topics,
+            handler=handler,
+            transient_retry_s=transient_retry_s,
+        )
+        components.append(processor)
+    return ServiceRuntime(
+        name=name,
+        settings=settings,
+        grpc_services=[grpc_service],
+        components=components,
+        watch=lambda: [processor.wait()] if processor else [],
+    )

@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from aiokafka import ConsumerRecord
@@ -20,7 +19,7 @@ from callstream.core import codec
 from callstream.core.batching import DynamicBatcher
 from callstream.core.errors import InvalidInputError
 from callstream.core.grpc_server import GrpcService, ServiceRuntime, abort_with
-from callstream.core.kafka import KafkaProcessor, OutRecord, now_timestamp
+from callstream.core.kafka import OutRecord, kafka_service_runtime, now_timestamp
 from callstream.router.classifier import IntentClassifier, load_classifier
 from callstream.router.rules import RouteDecision, RoutingRules
 from callstream.router.settings import RouterSettings
@@ -153,27 +152,15 @@ class RouterKafkaHandler:
 
 def build_runtime(settings: RouterSettings) -> ServiceRuntime:
     router = Router(settings)
-    components: list[Any] = [router]
-    processor: KafkaProcessor | None = None
-    if settings.consume:
-        processor = KafkaProcessor(
-            service="router",
-            kafka=settings.kafka,
-            topics=settings.topics,
-            input_topics=[settings.topics.tickets_created, settings.topics.calls_transcribed],
-            handler=RouterKafkaHandler(router, settings),
-        )
-        components.append(processor)
-    return ServiceRuntime(
+    return kafka_service_runtime(
         name="router",
         settings=settings,
-        grpc_services=[
-            GrpcService(
-                router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
-                RouterServicer(router),
-                router_pb2_grpc.add_RouterServiceServicer_to_server,
-            )
-        ],
-        components=components,
-        watch=lambda: [processor.wait()] if processor else [],
+        model=router,
+        grpc_service=GrpcService(
+            router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
+            RouterServicer(router),
+            router_pb2_grpc.add_RouterServiceServicer_to_server,
+        ),
+        input_topics=[settings.topics.tickets_created, settings.topics.calls_transcribed],
+        handler=RouterKafkaHandler(router, settings),
     )

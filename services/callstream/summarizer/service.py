@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import grpc
 from aiokafka import ConsumerRecord
@@ -18,7 +17,7 @@ from aiokafka import ConsumerRecord
 from callstream.core import codec
 from callstream.core.errors import InvalidInputError
 from callstream.core.grpc_server import GrpcService, ServiceRuntime, abort_with
-from callstream.core.kafka import KafkaProcessor, OutRecord, now_timestamp
+from callstream.core.kafka import OutRecord, kafka_service_runtime, now_timestamp
 from callstream.summarizer.engine_client import TrtllmClient
 from callstream.summarizer.settings import SummarizerSettings
 from callstream.summarizer.summarize import Summarizer, SummaryResult
@@ -127,28 +126,16 @@ class SummarizerKafkaHandler:
 
 def build_runtime(settings: SummarizerSettings) -> ServiceRuntime:
     component = SummarizerComponent(settings)
-    components: list[Any] = [component]
-    processor: KafkaProcessor | None = None
-    if settings.consume:
-        processor = KafkaProcessor(
-            service="summarizer",
-            kafka=settings.kafka,
-            topics=settings.topics,
-            input_topics=[settings.topics.tickets_routed],
-            handler=SummarizerKafkaHandler(component, settings),
-            transient_retry_s=settings.engine_retry_s,
-        )
-        components.append(processor)
-    return ServiceRuntime(
+    return kafka_service_runtime(
         name="summarizer",
         settings=settings,
-        grpc_services=[
-            GrpcService(
-                summarizer_pb2.DESCRIPTOR.services_by_name["SummarizerService"].full_name,
-                SummarizerServicer(component),
-                summarizer_pb2_grpc.add_SummarizerServiceServicer_to_server,
-            )
-        ],
-        components=components,
-        watch=lambda: [processor.wait()] if processor else [],
+        model=component,
+        grpc_service=GrpcService(
+            summarizer_pb2.DESCRIPTOR.services_by_name["SummarizerService"].full_name,
+            SummarizerServicer(component),
+            summarizer_pb2_grpc.add_SummarizerServiceServicer_to_server,
+        ),
+        input_topics=[settings.topics.tickets_routed],
+        handler=SummarizerKafkaHandler(component, settings),
+        transient_retry_s=settings.engine_retry_s,
     )

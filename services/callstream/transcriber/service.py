@@ -18,7 +18,7 @@ from callstream.core import codec
 from callstream.core.batching import DynamicBatcher
 from callstream.core.errors import InvalidInputError
 from callstream.core.grpc_server import GrpcService, ServiceRuntime, abort_with
-from callstream.core.kafka import KafkaProcessor, OutRecord
+from callstream.core.kafka import OutRecord, kafka_service_runtime
 from callstream.transcriber.engine import AsrEngine, FasterWhisperEngine
 from callstream.transcriber.settings import TranscriberSettings
 from callstream.v1 import events_pb2, transcriber_pb2, transcriber_pb2_grpc
@@ -92,27 +92,15 @@ class TranscriberKafkaHandler:
 
 def build_runtime(settings: TranscriberSettings) -> ServiceRuntime:
     transcriber = Transcriber(settings)
-    components: list[Any] = [transcriber]
-    processor: KafkaProcessor | None = None
-    if settings.consume:
-        processor = KafkaProcessor(
-            service="transcriber",
-            kafka=settings.kafka,
-            topics=settings.topics,
-            input_topics=[settings.topics.calls_recorded],
-            handler=TranscriberKafkaHandler(transcriber, settings),
-        )
-        components.append(processor)
-    return ServiceRuntime(
+    return kafka_service_runtime(
         name="transcriber",
         settings=settings,
-        grpc_services=[
-            GrpcService(
-                transcriber_pb2.DESCRIPTOR.services_by_name["TranscriberService"].full_name,
-                TranscriberServicer(transcriber),
-                transcriber_pb2_grpc.add_TranscriberServiceServicer_to_server,
-            )
-        ],
-        components=components,
-        watch=lambda: [processor.wait()] if processor else [],
+        model=transcriber,
+        grpc_service=GrpcService(
+            transcriber_pb2.DESCRIPTOR.services_by_name["TranscriberService"].full_name,
+            TranscriberServicer(transcriber),
+            transcriber_pb2_grpc.add_TranscriberServiceServicer_to_server,
+        ),
+        input_topics=[settings.topics.calls_recorded],
+        handler=TranscriberKafkaHandler(transcriber, settings),
     )
