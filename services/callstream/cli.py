@@ -239,18 +239,20 @@ def topics_list() -> None:
 
 
 def _register_subapps() -> None:
+    from callstream.loadtest.cli import loadtest_app  # also registers `callstream bench all`
+
+    app.add_typer(loadtest_app, name="loadtest")
     try:
         from callstream.router.cli import classifier_app
     except ImportError as exc:  # pragma: no cover - only when the router package is broken
         print(f"warning: classifier commands unavailable: {exc}", file=sys.stderr)
         return
     app.add_typer(classifier_app, name="classifier", help="Train and evaluate intent classifiers.")
+    app.command("route")(__import__("callstream.router.cli", fromlist=["route_command"]).route_command)
     from callstream.bench import bench_app
 
     app.add_typer(bench_app, name="bench")
-    from callstream.loadtest.cli import loadtest_app  # also registers `callstream bench all`
-
-    app.add_typer(loadtest_app, name="loadtest")
+    app.add_typer(__import__("callstream.evaluation.cli", fromlist=["eval_app"]).eval_app, name="eval")
 
 
 _register_subapps()

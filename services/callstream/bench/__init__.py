@@ -10,3 +10,6 @@ import typer
 bench_app = typer.Typer(
     help="Benchmarks: a table on the terminal, JSON and a PNG plot in bench/results/.", no_args_is_help=True
 )
+
+from callstream.bench import llm_engine as _llm_engine  # noqa: E402, F401 - registers `callstream bench llm-engine`
+from callstream.bench import router as _router  # noqa: E402, F401 - registers `callstream bench router`

@@ -8,9 +8,18 @@ One background thread owns the llama.cpp context and loops:
    instead fill the room left in the decode batch);
 3. decode: ONE llama_batch with the last sampled token of every decoding sequence (several seq_ids, one logit row
    each), llama_decode, then sample one token per sequence at its position in the batch;
-4. finished sequences (stop token, max_tokens, abort) free their slot and KV cells at once
-   (llama_memory_seq_rm), so a waiting request joins on the next step: requests join and leave between decode
-   steps, as in vLLM and TensorRT-LLM's in-flight batching.
+4. finished sequences (stop token, max_tokens, abort) free their slot at once, so a waiting request joins on the
+   next step: requests join and leave between decode steps, as in vLLM and TensorRT-LLM's in-flight batching.
+
+Prefix cache (prefix_cache=True, the default with kv_unified=False): a freed slot keeps the KV cells of the tokens
+it holds (its last prompt and output), as llama.cpp's own server does. A new request takes the free slot whose
+kept tokens share the longest prefix with its prompt, drops the cells after that prefix (llama_memory_seq_rm) and
+prefills only the rest: summaries share a ~220-token system prompt, so most of each prompt is not computed again.
+cached_tokens in the final message says how many prompt tokens were reused.
+
+Times in the final message follow TensorRT-LLM's PerfMetrics: arrival, first_scheduled (the engine starts on the
+request: its first prefill step), first token, last token. queue_time = first_scheduled - arrival: waiting for a
+slot, then for its turn to prefill (other prompts admitted before it prefill first, FIFO).
 
 Sampling is greedy by default (argmax on the logits). Temperature, top_k, top_p, min_p, seed and the
 repetition/frequency/presence penalties use llama.cpp samplers (a per-sequence chain); the penalties look at the
@@ -125,12 +134,13 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     arrival_time: float
-    first_scheduled_time: float  # 0 when it never got a slot
+    first_scheduled_time: float  # its first prefill step; 0 when it never got that far
     first_token_time: float  # 0 when no token was generated
     last_token_time: float
     queue_time_s: float
     time_to_first_token_s: float | None
     time_per_output_token_s: float | None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     # Only with trace_margins=True: top-1 minus top-2 logit at each generated token (after masking).
     logit_margins: list[float] | None = None
 
@@ -189,6 +199,9 @@ class _Request:
         self.seq = -1
         self.chain: Any = None  # llama_sampler* chain (penalties, top-k/p, temperature, dist), or None: argmax
         self.n_prefilled = 0
+        self.n_cached = 0  # prompt tokens taken from the slot's prefix cache
+        self.n_fed = 0  # output tokens fed back through a decode step (their KV cells exist)
+        self.admitted = 0.0
         self.output: list[int] = []
         self.scheduled = 0.0
         self.first_token = 0.0
@@ -209,6 +222,15 @@ class _Planned:
     req: _Request
     prefill: int = 0  # prompt tokens in this step
     out_index: int = -1  # batch position whose logits are sampled, -1: none
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -264,6 +286,8 @@ class ContinuousBatchingEngine:
         self._requests: dict[str, _Request] = {}
         self._abort_ids: set[str] = set()
         self._free_seqs: list[int] = []
+        self._prefix_cache = settings.prefix_cache and not settings.kv_unified
+        self._slot_tokens: dict[int, list[int]] = {}  # free slot -> tokens whose KV cells it keeps (prefix cache)
         self._reserved = 0  # unified KV: cells promised to admitted requests
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -364,6 +388,7 @@ class ContinuousBatchingEngine:
             self._cand.ctypes.data_as(ctypes.POINTER(lc.llama_token_data)), self._n_vocab, -1, False
         )
         self._free_seqs = list(range(s.max_sequences - 1, -1, -1))
+        self._slot_tokens = {}
         self._reserved = 0
         desc = ctypes.create_string_buffer(256)
         lc.llama_model_desc(model, desc, 256)
@@ -648,15 +673,24 @@ class ContinuousBatchingEngine:
             if self.settings.kv_unified and self._reserved + req.reserved > self._n_ctx_seq and self._active:
                 break  # wait until running sequences give back KV cells (FIFO: no overtaking)
             self._waiting.popleft()
-            req.seq = self._free_seqs.pop()
+            req.seq = self._pick_slot_locked(req.prompt)
             self._reserved += req.reserved
             admitted.append(req)
         metrics.QUEUED_REQUESTS.set(len(self._waiting))
         return admitted
 
+    def _pick_slot_locked(self, prompt: list[int]) -> int:
+        """The free slot whose kept tokens share the longest prefix with the prompt (else the last freed)."""
+        best, best_len = len(self._free_seqs) - 1, -1
+        if self._prefix_cache:
+            for i, seq in enumerate(self._free_seqs):
+                n = common_prefix(self._slot_tokens.get(seq, ()), prompt)
+                if n > best_len:
+                    best, best_len = i, n
+        return self._free_seqs.pop(best)
+
     def _setup(self, req: _Request) -> None:
-        req.scheduled = time.time()
-        metrics.QUEUE_SECONDS.observe(req.scheduled - req.arrival)
+        req.admitted = time.time()
         sp = req.sampling
         if sp.penalized or not sp.greedy:
             chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
@@ -683,7 +717,16 @@ class ContinuousBatchingEngine:
                 for t in req.prompt[-PENALTY_LAST_N:]:
                     lc.llama_sampler_accept(chain, t)
             req.chain = chain
-        lc.llama_memory_seq_rm(self._mem, req.seq, -1, -1)
+        kept = self._slot_tokens.pop(req.seq, [])
+        # At least the prompt's last token is computed again: its logits give the first output token.
+        cached = min(common_prefix(kept, req.prompt), len(req.prompt) - 1) if self._prefix_cache else 0
+        if cached > 0 and not lc.llama_memory_seq_rm(self._mem, req.seq, cached, -1):
+            cached = 0  # a memory that cannot drop a tail (recurrent models): start over
+        if cached == 0:
+            lc.llama_memory_seq_rm(self._mem, req.seq, -1, -1)
+        req.n_prefilled = req.n_cached = cached
+        if cached:
+            metrics.PROMPT_CACHED_TOKENS.inc(cached)
         self._active[req.seq] = req
         self._prefilling.append(req)
         metrics.ACTIVE_SEQUENCES.set(len(self._active))
@@ -698,9 +741,12 @@ class ContinuousBatchingEngine:
                 self._run_batch([plan], n)
             plans, n = self._plan_decode()
             if plans:
+                metrics.DECODE_BATCH_SEQUENCES.observe(len(plans))
                 self._run_batch(plans, n)
             return
         plans, n = self._plan_decode()
+        if plans:
+            metrics.DECODE_BATCH_SEQUENCES.observe(len(plans))
         for req in list(self._prefilling):
             room = self.settings.n_batch - n
             if room <= 0:
@@ -724,6 +770,9 @@ class ContinuousBatchingEngine:
     def _plan_prefill(self, req: _Request, room: int, n: int) -> tuple[_Planned, int]:
         """The next chunk of req's prompt (at most `room` tokens) from batch position n; logits on its last token."""
         start = req.n_prefilled
+        if not req.scheduled:
+            req.scheduled = time.time()
+            metrics.QUEUE_SECONDS.observe(req.scheduled - req.arrival)
         take = min(room, len(req.prompt) - start)
         last = start + take == len(req.prompt)
         for j in range(take):
@@ -746,6 +795,8 @@ class ContinuousBatchingEngine:
                 metrics.PROMPT_TOKENS.inc(p.prefill)
                 if p.req.n_prefilled == len(p.req.prompt):
                     self._prefilling.remove(p.req)
+            elif p.out_index >= 0:
+                p.req.n_fed += 1  # its last output token is in the KV cache now
         for p in plans:
             if p.out_index >= 0:
                 self._sample(p.req, p.out_index)
@@ -761,16 +812,16 @@ class ContinuousBatchingEngine:
     def _decode_failed(self, rc: int, plan: list[_Planned]) -> None:
         if rc == 1 and len(plan) > 1:
             # No KV slot for the whole batch: give up the most recently admitted request, keep the others.
-            victim = max((p.req for p in plan), key=lambda r: r.scheduled)
+            victim = max((p.req for p in plan), key=lambda r: r.admitted)
             log.warning(
                 "llm engine: llama_decode found no KV room (%d sequences); failing %s", len(plan), victim.request_id
             )
-            self._release(victim)
+            self._release(victim, keep_cache=False)
             self._fail(victim, TransientError("the llm engine ran out of KV cache; retry"))
             return
         log.error("llm engine: llama_decode returned %d for %d sequences", rc, len(plan))
         for p in plan:
-            self._release(p.req)
+            self._release(p.req, keep_cache=False)
             self._fail(p.req, GenerationFailedError(f"llama_decode failed with code {rc}"))
 
     def _sample(self, req: _Request, index: int) -> None:
@@ -863,11 +914,19 @@ class ContinuousBatchingEngine:
             return
         self._finish(req, "abort", None)
 
-    def _release(self, req: _Request) -> None:
-        """Give back the slot, its KV cells and samplers (engine thread)."""
+    def _release(self, req: _Request, keep_cache: bool = True) -> None:
+        """Give back the slot and samplers (engine thread). With the prefix cache the slot keeps the KV cells of
+        the tokens computed so far (prompt, then output fed back), for the next request that shares a prefix."""
         if req.seq >= 0 and self._active.get(req.seq) is req:
             del self._active[req.seq]
-            lc.llama_memory_seq_rm(self._mem, req.seq, -1, -1)
+            kept = req.prompt[: req.n_prefilled]
+            if req.n_prefilled == len(req.prompt):
+                kept = kept + req.output[: req.n_fed]
+            if self._prefix_cache and keep_cache and kept:
+                lc.llama_memory_seq_rm(self._mem, req.seq, len(kept), -1)
+                self._slot_tokens[req.seq] = kept
+            else:
+                lc.llama_memory_seq_rm(self._mem, req.seq, -1, -1)
             with contextlib.suppress(ValueError):
                 self._prefilling.remove(req)
             with self._cv:
@@ -936,6 +995,7 @@ class ContinuousBatchingEngine:
                 queue_time_s=(req.scheduled - req.arrival) if req.scheduled else time.time() - req.arrival,
                 time_to_first_token_s=ttft,
                 time_per_output_token_s=tpot,
+                cached_tokens=req.n_cached,
                 logit_margins=req.margins,
             )
         )

@@ -8,7 +8,9 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 QUEUE_SECONDS = Histogram(
-    "callstream_llm_queue_seconds", "Time a request waited for a sequence slot", buckets=_LATENCY_BUCKETS
+    "callstream_llm_queue_seconds",
+    "Arrival to the request's first prefill step (waiting for a sequence slot, then for its turn to prefill)",
+    buckets=_LATENCY_BUCKETS,
 )
 TTFT_SECONDS = Histogram(
     "callstream_llm_time_to_first_token_seconds", "Arrival to first output token", buckets=_LATENCY_BUCKETS
@@ -19,7 +21,10 @@ TPOT_SECONDS = Histogram(
     buckets=_TOKEN_BUCKETS,
 )
 REQUEST_SECONDS = Histogram("callstream_llm_request_seconds", "Arrival to the last token", buckets=_LATENCY_BUCKETS)
-PROMPT_TOKENS = Counter("callstream_llm_prompt_tokens_total", "Prompt tokens prefilled")
+PROMPT_TOKENS = Counter("callstream_llm_prompt_tokens_total", "Prompt tokens prefilled (computed)")
+PROMPT_CACHED_TOKENS = Counter(
+    "callstream_llm_prompt_cached_tokens_total", "Prompt tokens taken from a slot's prefix cache (not computed)"
+)
 GENERATION_TOKENS = Counter("callstream_llm_generation_tokens_total", "Output tokens generated")
 REQUESTS_FINISHED = Counter(
     "callstream_llm_requests_finished_total", "Requests that ended, by finish reason", ["finish_reason"]
@@ -37,4 +42,9 @@ STEP_TOKENS = Histogram(
     "callstream_llm_step_tokens",
     "Tokens in one llama_decode step (prompt chunks plus one per decoding sequence)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+)
+DECODE_BATCH_SEQUENCES = Histogram(
+    "callstream_llm_decode_batch_sequences",
+    "Sequences in one decode step (batch occupancy as the model sees it)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256),
 )

@@ -142,7 +142,7 @@ def complete_message(result: GenerationResult) -> pb.GenerateComplete:
         finish_reason=result.finish_reason,
         prompt_tokens=result.prompt_tokens,
         completion_tokens=result.completion_tokens,
-        cached_tokens=0,
+        cached_tokens=result.cached_tokens,
         perf_metrics=pb.PerfMetrics(
             arrival_time=result.arrival_time,
             first_scheduled_time=result.first_scheduled_time,

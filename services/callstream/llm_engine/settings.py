@@ -69,5 +69,8 @@ class LlmEngineSettings(ServiceSettings):
     # style: fewer calls when many short prompts arrive), but then llama.cpp splits them around the other
     # sequences' tokens and greedy outputs flip at near ties (measured: top-2 margins 0.01-0.2 logits).
     batch_invariant: bool = True
+    # Keep a freed slot's KV cells and reuse the longest shared prompt prefix (the summarizer's system prompt) for
+    # the next request placed there. Only with kv_unified=False (kept cells would crowd a unified cache).
+    prefix_cache: bool = True
     # llama.cpp flash attention: "auto", "on" or "off".
     flash_attn: str = Field(default="auto", pattern="^(auto|on|off)$")

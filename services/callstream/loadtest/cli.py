@@ -297,9 +297,13 @@ def kafka_command(
         float, typer.Option(help="Seconds to wait for the outputs after the last publish.")
     ] = 300.0,
     lag_interval: Annotated[float, typer.Option(help="Seconds between consumer-lag samples.")] = 1.0,
-    group_prefix: Annotated[str, typer.Option(help="Consumer groups are PREFIX-transcriber, -router, -summarizer.")] = (
-        "callstream"
-    ),
+    group_prefix: Annotated[
+        str | None,
+        typer.Option(
+            help="Consumer groups are PREFIX-transcriber, -router, -summarizer (default: KAFKA_CLIENT_ID_PREFIX, "
+            "else callstream)."
+        ),
+    ] = None,
     ready_timeout: Annotated[float, typer.Option(help="With --start-stack: seconds for the models to load.")] = 300.0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="JSON result file (default bench/results/).")] = None,
     html: Annotated[bool, typer.Option("--html/--no-html", help="Also write the HTML report.")] = True,
@@ -344,6 +348,7 @@ def kafka_command(
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     settings = ServiceSettings()
+    group_prefix = group_prefix or settings.kafka.client_id_prefix
     bootstrap = bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap and not start_stack:
         raise _fail("no broker: give --bootstrap, set KAFKA_BOOTSTRAP_SERVERS, or use --start-stack")

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,24 @@ def num_cell(path: str, value: Any) -> str:
     return f'<td class="num" data-metric="{_e(path)}" data-value="{raw}">{shown}</td>'
 
 
-def _get(tree: dict[str, Any], path: str) -> Any:
+_PART = re.compile(r"\[([^\]]*)\]|([^.\[\]]+)")
+
+
+def split_path(path: str) -> list[str]:
+    """A JSON path's parts: dots separate names, brackets hold a key that may contain dots (topic names)."""
+    return [bracketed or plain for bracketed, plain in _PART.findall(path)]
+
+
+def get_path(tree: Any, path: str) -> Any:
+    """The value at `path` ("summary.latency_ms.p50", "stages[tickets.routed].latency_ms", "counts[3]")."""
     node: Any = tree
-    for part in path.split("."):
-        if not isinstance(node, dict):
+    for part in split_path(path):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.get(part)
+        else:
             return None
-        node = node.get(part)
     return node
 
 
@@ -91,9 +104,14 @@ def histogram_png(
     for label, value in marks:
         if value is not None and value > 0:
             ax.axvline(
-                value, linestyle="--", color=colors.get(label.split()[-1], "#555"), label=f"{label} {value:.4g} ms"
+                value, linestyle="--", color=colors.get(label.split()[-1], "#555"), label=f"{label} {fmt_num(value)} ms"
             )
+    from matplotlib.ticker import FuncFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("latency (ms, log scale)")
     ax.set_ylabel("requests")
     ax.set_title(title)
@@ -122,7 +140,13 @@ def series_png(
         else:
             ax.plot(xs, y, marker=".", markersize=3, label=label)
     if logy:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -165,7 +189,7 @@ def _latency_table(rows: Sequence[tuple[str, str]], result: dict[str, Any]) -> s
     head = "<tr><th></th><th>count</th>" + "".join(f"<th>{k} (ms)</th>" for k in _LAT_KEYS) + "</tr>"
     body = ""
     for label, path in rows:
-        d = _get(result, path)
+        d = get_path(result, path)
         if not isinstance(d, dict):
             continue
         cells = num_cell(f"{path}.count", d.get("count")) + "".join(
@@ -177,9 +201,9 @@ def _latency_table(rows: Sequence[tuple[str, str]], result: dict[str, Any]) -> s
 
 def _numbers_table(rows: Sequence[tuple[str, str]], result: dict[str, Any]) -> str:
     body = "".join(
-        f"<tr><th>{_e(label)}</th>{num_cell(path, _get(result, path))}</tr>"
+        f"<tr><th>{_e(label)}</th>{num_cell(path, get_path(result, path))}</tr>"
         for label, path in rows
-        if _get(result, path) is not None
+        if get_path(result, path) is not None
     )
     return f"<table>{body}</table>"
 
@@ -188,7 +212,7 @@ def _status_table(result: dict[str, Any]) -> str:
     counts = result.get("status_counts") or {}
     examples = result.get("error_examples") or {}
     body = "".join(
-        f"<tr><th>{_e(k)}</th>{num_cell(f'status_counts.{k}', v)}<td>{_e(examples.get(k, ''))}</td></tr>"
+        f"<tr><th>{_e(k)}</th>{num_cell(f'status_counts[{k}]', v)}<td>{_e(examples.get(k, ''))}</td></tr>"
         for k, v in counts.items()
     )
     return f"<table><tr><th>status</th><th>count</th><th>example</th></tr>{body}</table>"
@@ -198,7 +222,7 @@ def _histogram_details(hist: dict[str, list[Any]], path: str) -> str:
     edges, counts = hist.get("edges_ms") or [], hist.get("counts") or []
     rows = "".join(
         f"<tr><td class='num'>{fmt_num(edges[i])}</td><td class='num'>{fmt_num(edges[i + 1])}</td>"
-        f"{num_cell(f'{path}.counts.{i}', c)}</tr>"
+        f"{num_cell(f'{path}.counts[{i}]', c)}</tr>"
         for i, c in enumerate(counts)
         if c
     )
@@ -323,13 +347,13 @@ def render_kafka(result: dict[str, Any]) -> str:
     for kind in ("call", "ticket"):
         lat_rows.append((f"end to end, {kind}s", f"summary.e2e_ms_by_kind.{kind}"))
     for stage in result.get("stages") or {}:
-        lat_rows.append((f"event -> {stage}", f"stages.{stage}.latency_ms"))
+        lat_rows.append((f"event -> {stage}", f"stages[{stage}].latency_ms"))
     body = _header(result)
     body += "<h2>Summary</h2>" + _numbers_table(numbers, result)
     body += "<h3>Latency from event time (ms)</h3>" + _latency_table(lat_rows, result)
     lag = result.get("lag") or {}
-    lag_rows = [(f"max lag {g} (records)", f"lag.max.{g}") for g in lag.get("max") or {}]
-    lag_rows += [(f"mean lag {g} (records)", f"lag.mean.{g}") for g in lag.get("mean") or {}]
+    lag_rows = [(f"max lag {g} (records)", f"lag.max[{g}]") for g in lag.get("max") or {}]
+    lag_rows += [(f"mean lag {g} (records)", f"lag.mean[{g}]") for g in lag.get("mean") or {}]
     body += "<h3>Consumer lag per service group</h3>" + _numbers_table(lag_rows, result)
     hists = [("event -> summary", result.get("histogram") or {})]
     hists += [

@@ -178,10 +178,13 @@ class LoadRun:
     def _time_up(self, t: float) -> bool:
         return self.plan.duration_s is not None and t >= self.plan.duration_s
 
-    async def _one(self, i: int, scheduled: float) -> None:
+    async def _one(self, i: int, scheduled: float | None) -> None:
+        """Send request i; `scheduled` None (closed loop) means: scheduled when sent."""
         rec = self.recorder
         loop = asyncio.get_running_loop()
         started = loop.time() - rec.t0
+        if scheduled is None:
+            scheduled = started
         rec.sent += 1
         rec.in_flight += 1
         rec.peak_in_flight = max(rec.peak_in_flight, rec.in_flight)
@@ -228,7 +231,11 @@ class LoadRun:
         slots = asyncio.Semaphore(plan.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
         # Sends stop for good at the end of the duration plus the drain time, even if no slot ever frees up.
-        give_up = (plan.duration_s or math.inf) + plan.drain_s
+        if plan.duration_s is not None:
+            last_due = plan.duration_s
+        else:
+            last_due = scheduled_offset((plan.requests or 1) - 1, plan.rate, plan.ramp_up_s)
+        give_up = last_due + plan.drain_s
         i = 0
         while not self.stop.is_set():
             if plan.requests is not None and i >= plan.requests:
@@ -286,7 +293,7 @@ class LoadRun:
                 i = next(counter, None)
                 if i is None:
                     return
-                await self._one(i, now)
+                await self._one(i, None)
 
         tasks = {asyncio.create_task(client(k)) for k in range(plan.concurrency)}
         # Clients stop sending at the end of the duration (or on Ctrl-C); what is in flight then gets drain_s.

@@ -279,7 +279,6 @@ class LlmEngineTarget(ServiceTarget):
         self.stubs = [pb_grpc.TrtllmServiceStub(c) for c in channels]
         self.max_tokens = max_tokens
         self.schema = SUMMARY_SCHEMA if guided else None
-        self.start_times: dict[int, float] = {}
 
     def describe(self) -> dict[str, Any]:
         lengths = [len(p) for p in self.prompts]

@@ -1,7 +1,8 @@
-"""Router commands: `callstream classifier train|eval` and `callstream classify TEXT`.
+"""Router commands: `callstream classifier train|eval|export-onnx|publish|activate|versions`,
+`callstream classify TEXT` and `callstream route --explain TEXT`.
 
-The main CLI registers these: `app.add_typer(classifier_app, name="classifier")` and
-`app.command("classify")(classify_command)`.
+The main CLI registers these: `app.add_typer(classifier_app, name="classifier")`,
+`app.command("classify")(classify_command)` and `app.command("route")(route_command)`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from callstream.router.classifier import (
     DEFAULT_HEAD_C,
     DEFAULT_ITERATIONS,
     DEFAULT_SEED,
+    add_onnx_to_artifact,
     evaluate,
     is_valid_artifact,
     load_classifier,
+    plot_confusion,
     read_manifest,
     sha256_file,
     train_classifier,
 )
-from callstream.router.rules import RoutingRules
+from callstream.router.rules import DEFAULT_RULE, RoutingRules
 from callstream.router.settings import STARTER_MODEL_NAME, RouterSettings, default_model_dir, starter_data_path
 
 classifier_app = typer.Typer(help="Train and evaluate intent classifiers.", no_args_is_help=True)
@@ -43,7 +46,10 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @classifier_app.command("train")
 def train_command(
-    data: Annotated[Path, typer.Option("--data", help="CSV file with a text and a label column.")],
+    data: Annotated[
+        list[Path],
+        typer.Option("--data", help="CSV, JSON or JSONL file with a text and a label column (repeatable)."),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Artifact directory to write (replaced if it holds one).")],
     shots: Annotated[
         int | None, typer.Option("--shots", min=1, help="Examples per label (seeded sample); default: every row.")
@@ -58,8 +64,14 @@ def train_command(
     ] = DEFAULT_ITERATIONS,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of contrastive fine-tuning.")] = DEFAULT_EPOCHS,
     eval_data: Annotated[
-        Path | None, typer.Option("--eval-data", help="Held-out CSV; its metrics go into the manifest.")
+        list[Path] | None,
+        typer.Option("--eval-data", help="Held-out data (repeatable); metrics go into the manifest and model card."),
     ] = None,
+    multi_label: Annotated[
+        bool, typer.Option("--multi-label", help="Several labels per text (JSON list, or `a|b` in a CSV).")
+    ] = False,
+    threshold: Annotated[float, typer.Option("--threshold", help="Multi-label decision threshold.")] = 0.5,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Also export the body to ONNX (fp32 + int8).")] = False,
     seed: Annotated[int, typer.Option("--seed")] = DEFAULT_SEED,
     name: Annotated[str | None, typer.Option("--name", help="Model name (default: the --out folder name).")] = None,
     head_c: Annotated[float, typer.Option("--head-c", help="Inverse regularisation of the logistic head.")] = (
@@ -70,7 +82,7 @@ def train_command(
     """Train a SetFit intent classifier and write a versioned, checksummed artifact directory."""
     try:
         manifest = train_classifier(
-            data,
+            data[0] if len(data) == 1 else data,
             out,
             shots=shots,
             text_column=text_column,
@@ -80,32 +92,46 @@ def train_command(
             seed=seed,
             progress=not quiet,
             name=name,
-            eval_data=eval_data,
+            eval_data=(eval_data[0] if len(eval_data) == 1 else eval_data) if eval_data else None,
             head_c=head_c,
+            multi_label=multi_label,
+            threshold=threshold,
+            onnx=onnx,
         )
     except (CallstreamError, ValueError) as exc:
         raise _fail(exc) from exc
     summary = f"{manifest.version}: {len(manifest.labels)} labels, {manifest.training.seconds:.1f} s"
-    if manifest.metrics:
-        summary += f", accuracy {manifest.metrics['accuracy']:.3f}, macro F1 {manifest.metrics['macro_f1']:.3f}"
+    m = manifest.metrics
+    if m:
+        first = f"micro F1 {m['micro_f1']:.3f}" if "micro_f1" in m else f"accuracy {m['accuracy']:.3f}"
+        summary += f", {first}, macro F1 {m['macro_f1']:.3f}"
     typer.echo(summary)
 
 
 @classifier_app.command("eval")
 def eval_command(
-    model: Annotated[Path, typer.Option("--model", help="Classifier artifact directory.")],
-    data: Annotated[Path, typer.Option("--data", help="Labelled CSV file.")],
+    model: Annotated[Path, typer.Option("--model", help="Classifier artifact directory (or model registry).")],
+    data: Annotated[list[Path], typer.Option("--data", help="Labelled CSV, JSON or JSONL file (repeatable).")],
     text_column: Annotated[str, typer.Option("--text-column")] = "text",
     label_column: Annotated[str, typer.Option("--label-column")] = "category",
     json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="torch, onnx or onnx-int8.")] = "torch",
+    confusion: Annotated[
+        Path | None, typer.Option("--confusion", help="Write the confusion matrix PNG here (single-label).")
+    ] = None,
 ) -> None:
-    """Accuracy, macro F1 and per-class precision/recall of a classifier on a labelled CSV file."""
+    """Accuracy (or micro F1), macro F1 and per-class precision/recall of a classifier on labelled data."""
     try:
-        classifier = load_classifier(model)
-        metrics = evaluate(classifier, data, text_column, label_column, progress=not json)
+        classifier = load_classifier(model, backend=backend)
+        metrics = evaluate(
+            classifier, data[0] if len(data) == 1 else data, text_column, label_column, progress=not json
+        )
     except CallstreamError as exc:
         raise _fail(exc) from exc
-    metrics = {"model": classifier.version, **metrics}
+    matrix = metrics.pop("_confusion", None)
+    if confusion is not None and matrix is not None:
+        plot_confusion(confusion, *matrix, title=f"{classifier.version} on {data[0].name}")
+    metrics = {"model": classifier.version, "backend": backend, **metrics}
     if json:
         typer.echo(_json.dumps(metrics, indent=2))
         return
@@ -119,7 +145,70 @@ def eval_command(
         table.add_row(label, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     console = Console()
     console.print(table)
-    console.print(f"accuracy {metrics['accuracy']:.4f}   macro F1 {metrics['macro_f1']:.4f}   n {metrics['n']}")
+    first = (
+        f"micro F1 {metrics['micro_f1']:.4f}   exact match {metrics['exact_match']:.4f}"
+        if "micro_f1" in metrics
+        else f"accuracy {metrics['accuracy']:.4f}"
+    )
+    console.print(f"{first}   macro F1 {metrics['macro_f1']:.4f}   n {metrics['n']}")
+
+
+@classifier_app.command("export-onnx")
+def export_onnx_command(
+    model: Annotated[Path, typer.Option("--model", help="Classifier artifact directory.")],
+    no_int8: Annotated[bool, typer.Option("--no-int8", help="Skip the int8-quantized copy.")] = False,
+) -> None:
+    """Export the artifact's body to ONNX (onnx/model.onnx, onnx/model-int8.onnx) and re-hash its manifest."""
+    try:
+        manifest = add_onnx_to_artifact(model, quantize=not no_int8)
+    except CallstreamError as exc:
+        raise _fail(exc) from exc
+    onnx_files = sorted(f for f in manifest.files if f.startswith("onnx/"))
+    typer.echo(f"{manifest.version}: {', '.join(onnx_files)} added and hashed in manifest.json")
+
+
+@classifier_app.command("publish")
+def publish_command(
+    model: Annotated[Path, typer.Option("--model", help="Trained classifier artifact directory.")],
+    registry: Annotated[Path, typer.Option("--registry", help="Model registry directory (created if missing).")],
+    activate: Annotated[bool, typer.Option("--activate/--no-activate", help="Make it the current version.")] = True,
+) -> None:
+    """Copy a verified artifact into a model registry as versions/<version>/ (and make it current)."""
+    from callstream.router.registry import publish
+
+    try:
+        version = publish(model, registry, make_current=activate)
+    except CallstreamError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"{version}{' (current)' if activate else ''}")
+
+
+@classifier_app.command("activate")
+def activate_command(
+    registry: Annotated[Path, typer.Option("--registry", help="Model registry directory.")],
+    version: Annotated[str, typer.Argument(help="Version to make current (see `classifier versions`).")],
+) -> None:
+    """Point a registry's `current` at VERSION (verified first); routers polling it switch between batches."""
+    from callstream.router.registry import activate
+
+    try:
+        activate(registry, version)
+    except CallstreamError as exc:
+        raise _fail(exc) from exc
+    typer.echo(f"current: {version}")
+
+
+@classifier_app.command("versions")
+def versions_command(registry: Annotated[Path, typer.Option("--registry", help="Model registry directory.")]) -> None:
+    """List the versions in a model registry; the current one is marked with *."""
+    from callstream.router.registry import current_version, list_versions
+
+    try:
+        current = current_version(registry)
+    except CallstreamError:
+        current = ""
+    for version in list_versions(registry):
+        typer.echo(f"{'*' if version == current else ' '} {version}")
 
 
 def ensure_default_classifier(progress: bool = True, *, num_iterations: int = STARTER_ITERATIONS) -> Path:
@@ -221,4 +310,80 @@ def classify_command(
     flag = "  [bold yellow]needs a human[/]" if decision.needs_human else ""
     console.print(f"→ queue [bold]{decision.queue}[/] (priority {decision.priority}, rule {decision.rule}){flag}")
     console.print(f"  [dim]{decision.reason}[/]")
+    console.print(f"  [dim]classifier {classifier.version}[/]")
+
+
+def route_command(
+    text: Annotated[str, typer.Argument(help="Ticket or transcript text to route.")],
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show every rule tried, in order, and why it matched or not.")
+    ] = False,
+    model_dir: Annotated[
+        Path | None,
+        typer.Option("--model", help="Classifier artifact or registry (default: router settings; starter if absent)."),
+    ] = None,
+    rules: Annotated[
+        Path | None, typer.Option("--rules", help="Routing rules YAML (default: router settings).")
+    ] = None,
+    source_channel: Annotated[
+        str, typer.Option("--source-channel", "--channel", help="Source channel the rules see: call, email, ...")
+    ] = "email",
+    customer: Annotated[
+        list[str] | None, typer.Option("--customer", help="Customer attribute KEY=VALUE (repeatable).")
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="Print the decision (and trace) as JSON.")] = False,
+) -> None:
+    """Route one text: the queue, the rule that fired and, with --explain, why each earlier rule did not."""
+    try:
+        settings = RouterSettings()
+        attributes = _parse_customer(customer or [])
+        if model_dir is None:
+            model_dir = settings.model_dir
+            if model_dir == default_model_dir():
+                ensure_default_classifier(progress=not json)
+        routing = RoutingRules.from_file(rules or settings.rules_path)
+        classifier = load_classifier(model_dir, verify=settings.verify_model)
+        intents = classifier.predict([text], top_k=settings.top_k)[0]
+        decision, trace = routing.explain(intents, source_channel, attributes)
+    except CallstreamError as exc:
+        raise _fail(exc) from exc
+    line = routing.rule_line(decision.rule)
+    result: dict[str, Any] = {
+        "text": text,
+        "intents": [{"name": name, "score": round(score, 4)} for name, score in intents],
+        "source_channel": source_channel,
+        "customer": attributes,
+        "queue": decision.queue,
+        "priority": decision.priority,
+        "rule": decision.rule,
+        "rule_line": line,
+        "rules_file": routing.source_name,
+        "needs_human": decision.needs_human,
+        "reason": decision.reason,
+        "classifier_version": classifier.version,
+    }
+    if explain:
+        result["trace"] = [{"rule": t.rule, "line": t.line, "matched": t.matched, "reason": t.reason} for t in trace]
+        if decision.rule == DEFAULT_RULE:
+            result["trace"].append({"rule": DEFAULT_RULE, "line": None, "matched": True, "reason": decision.reason})
+    if json:
+        typer.echo(_json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console()
+    where = f" ({routing.source_name} line {line})" if line else ""
+    flag = "  [bold yellow]needs a human[/]" if decision.needs_human else ""
+    console.print(
+        f"rule [bold]{escape(decision.rule)}[/]{escape(where)} → queue [bold]{escape(decision.queue)}[/]"
+        f" (priority {decision.priority}){flag}"
+    )
+    console.print(f"  because {escape(decision.reason)}")
+    if explain:
+        console.print("intents: " + ", ".join(f"{n} {s:.3f}" for n, s in intents))
+        for step in result["trace"]:
+            mark = "[green]✓[/]" if step["matched"] else "[red]✗[/]"
+            at = f" (line {step['line']})" if step["line"] else ""
+            console.print(f"  {mark} {escape(step['rule'])}{at}: {escape(step['reason'])}")
     console.print(f"  [dim]classifier {classifier.version}[/]")

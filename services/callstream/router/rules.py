@@ -172,6 +172,21 @@ class RoutingRules:
                     f"unknown to the classifier (it knows {len(known)} labels)"
                 )
 
+    def explain(
+        self,
+        intents: Sequence[tuple[str, float]],
+        source_channel: str = "",
+        customer: Mapping[str, str] | None = None,
+    ) -> tuple[RouteDecision, list[RuleTrace]]:
+        """The decision, and why: each rule tried in order (with its file line) until the first that matches."""
+        trace: list[RuleTrace] = []
+        for rule, line in zip(self.spec.rules, self._rule_lines + [0] * len(self.spec.rules), strict=False):
+            holds, reason = _check(rule.when, intents, source_channel, customer or {}, self.spec.confidence_threshold)
+            trace.append(RuleTrace(rule.name, line or None, holds, reason))
+            if holds:
+                break
+        return self.route(intents, source_channel, customer), trace
+
     def route(
         self,
         intents: Sequence[tuple[str, float]],
@@ -215,6 +230,18 @@ def _match(
     threshold: float,
 ) -> str | None:
     """The reason the condition holds, or None when it does not."""
+    holds, reason = _check(when, intents, source_channel, customer, threshold)
+    return reason if holds else None
+
+
+def _check(
+    when: RuleCondition,
+    intents: Sequence[tuple[str, float]],
+    source_channel: str,
+    customer: Mapping[str, str],
+    threshold: float,
+) -> tuple[bool, str]:
+    """(True, why it holds) or (False, the first condition that fails and why)."""
     parts: list[str] = []
     min_score = threshold if when.min_score is None else when.min_score
     if when.intent is not None:
@@ -228,26 +255,39 @@ def _match(
             None,
         )
         if hit is None:
-            return None
+            seen = [f"{label} {score:.2f}" for label, score in intents if label in wanted]
+            detail = f"candidates scored {', '.join(seen)}" if seen else "none of them among the candidates"
+            return False, f"intent not in {sorted(wanted)} with score >= {min_score:.2f} ({detail})"
         rank, label, score = hit
         place = "top intent" if rank == 0 else f"intent #{rank + 1}"
         parts.append(f"{place} {label} score {score:.2f} >= {min_score:.2f}")
     elif when.min_score is not None:
         top_score = intents[0][1] if intents else 0.0
         if top_score < min_score:
-            return None
+            return False, f"top score {top_score:.2f} < min_score {min_score:.2f}"
         parts.append(f"top score {top_score:.2f} >= {min_score:.2f}")
     if when.source_channel is not None:
         channels = {c.casefold() for c in when.source_channel}
         if source_channel.casefold() not in channels:
-            return None
+            return False, f"source_channel {source_channel!r} not in {sorted(when.source_channel)}"
         parts.append(f"source_channel {source_channel!r} in {sorted(when.source_channel)}")
     for key, values in (when.customer or {}).items():
         value = customer.get(key)
         if value is None or value.casefold() not in {v.casefold() for v in values}:
-            return None
+            shown = "missing" if value is None else repr(value)
+            return False, f"customer {key} is {shown}, not in {sorted(values)}"
         parts.append(f"customer {key}={value!r}")
-    return " and ".join(parts) if parts else "matches everything"
+    return True, " and ".join(parts) if parts else "matches everything"
+
+
+@dataclass(frozen=True)
+class RuleTrace:
+    """One rule's verdict in `RoutingRules.explain`: in file order, up to and including the one that fired."""
+
+    rule: str
+    line: int | None
+    matched: bool
+    reason: str
 
 
 # -- mapping pydantic errors to YAML lines ---------------------------------------------------------------------

@@ -3,14 +3,24 @@
 Enter: gRPC Classify, and Kafka records from tickets.created (TicketCreated) and calls.transcribed (Transcript).
 Model: the SetFit classifier (router/classifier.py) behind the shared dynamic batcher, then the routing
 rules (router/rules.py). Leave: RoutedTicket on tickets.routed, keyed by ticket or call id.
+
+Model versions: with `reload_interval_s` > 0 the router polls `model_dir` (an artifact or a registry's `current`
+pointer) for a new version, loads and verifies it in a worker thread while the old one keeps serving, and swaps it
+in under `swap_lock`, which the Kafka processor holds for a whole polled batch (handle, produce, commit): a batch
+is routed by one version, and every event by exactly one. Each prediction carries the version that made it, so
+RoutedTicket.classifier_version and ClassifyResponse.classifier_version name the model that really answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from aiokafka import ConsumerRecord
@@ -19,8 +29,9 @@ from callstream.core import codec
 from callstream.core.batching import DynamicBatcher
 from callstream.core.errors import InvalidInputError
 from callstream.core.grpc_server import GrpcService, ServiceRuntime, abort_with
-from callstream.core.kafka import OutRecord, kafka_service_runtime, now_timestamp
-from callstream.router.classifier import IntentClassifier, load_classifier
+from callstream.core.kafka import KafkaProcessor, OutRecord, kafka_service_runtime, now_timestamp
+from callstream.router.classifier import IntentClassifier, load_classifier, read_manifest
+from callstream.router.registry import resolve_model_dir
 from callstream.router.rules import RouteDecision, RoutingRules
 from callstream.router.settings import RouterSettings
 from callstream.v1 import events_pb2, router_pb2, router_pb2_grpc
@@ -34,6 +45,7 @@ Ranked = list[tuple[str, float]]
 class RoutedText:
     intents: Ranked
     decision: RouteDecision
+    version: str = ""
 
 
 class Router:
@@ -44,7 +56,11 @@ class Router:
         # Rules are validated here, at start, so a bad file stops the service with a message naming the line.
         self.rules = RoutingRules.from_file(settings.rules_path)
         self.classifier: IntentClassifier | None = None
-        self.batcher: DynamicBatcher[str, Ranked] = DynamicBatcher(
+        self.model_path: Path | None = None  # the resolved artifact directory of the loaded version
+        self.swap_lock = asyncio.Lock()
+        self.swaps = 0
+        self._reload_task: asyncio.Task[None] | None = None
+        self.batcher: DynamicBatcher[str, tuple[str, Ranked]] = DynamicBatcher(
             self._predict_batch,
             name="router",
             max_batch_size=settings.batch.max_batch_size,
@@ -55,26 +71,76 @@ class Router:
     def version(self) -> str:
         return self.classifier.version if self.classifier else ""
 
+    def _load(self, model_path: Path) -> IntentClassifier:
+        return load_classifier(
+            model_path,
+            self.settings.verify_model,
+            batch_size=self.settings.batch.max_batch_size,
+            backend=self.settings.backend,
+        )
+
     async def start(self) -> None:
-        self.classifier = await asyncio.to_thread(load_classifier, self.settings.model_dir, self.settings.verify_model)
-        log.info("router: classifier %s loaded from %s", self.classifier.version, self.settings.model_dir)
+        self.model_path = resolve_model_dir(self.settings.model_dir)
+        self.classifier = await asyncio.to_thread(self._load, self.model_path)
+        log.info(
+            "router: classifier %s loaded from %s (backend %s)",
+            self.classifier.version,
+            self.model_path,
+            self.settings.backend,
+        )
         await self.batcher.start()
+        if self.settings.reload_interval_s > 0:
+            self._reload_task = asyncio.create_task(self._reload_loop(), name="router-reload")
 
     async def stop(self) -> None:
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reload_task
         await self.batcher.stop()
 
-    def _predict_batch(self, texts: Sequence[str]) -> list[Ranked]:
-        assert self.classifier is not None
+    def _changed(self) -> Path | None:
+        """The artifact directory of a version other than the loaded one, or None."""
+        path = resolve_model_dir(self.settings.model_dir)
+        version = read_manifest(path).version
+        return path if version != self.version or path != self.model_path else None
+
+    async def check_for_new_version(self) -> bool:
+        """Load, verify and swap in a new version if model_dir names one; True when swapped. Errors keep the old."""
+        try:
+            path = await asyncio.to_thread(self._changed)
+            if path is None:
+                return False
+            new = await asyncio.to_thread(self._load, path)
+        except Exception as exc:  # noqa: BLE001 - a bad new version must not stop a serving router
+            log.error("router: new model version not loaded, keeping %s: %s", self.version, exc)
+            return False
+        async with self.swap_lock:  # never in the middle of a Kafka batch
+            old = self.version
+            self.classifier, self.model_path = new, path
+            self.swaps += 1
+        log.info("router: switched classifier %s -> %s (%s)", old, new.version, path)
+        return True
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_s)
+            await self.check_for_new_version()
+
+    def _predict_batch(self, texts: Sequence[str]) -> list[tuple[str, Ranked]]:
+        classifier = self.classifier  # one version for the whole batch, even if a swap happens meanwhile
+        assert classifier is not None
         # The full ranking: each caller cuts it to its own top_k.
-        return self.classifier.predict(texts, top_k=len(self.classifier.labels))
+        return [(classifier.version, r) for r in classifier.predict(texts, top_k=len(classifier.labels))]
 
     async def route(
         self, text: str, source_channel: str, customer: dict[str, str] | None = None, top_k: int = 0
     ) -> RoutedText:
         if not text.strip():
             raise InvalidInputError("nothing to classify: the text is empty")
-        intents = (await self.batcher.submit(text))[: top_k or self.settings.top_k]
-        return RoutedText(intents, self.rules.route(intents, source_channel, customer or {}))
+        version, ranked = await self.batcher.submit(text)
+        intents = ranked[: top_k or self.settings.top_k]
+        return RoutedText(intents, self.rules.route(intents, source_channel, customer or {}), version)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -101,7 +167,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 )
                 for r in routed
             ],
-            classifier_version=self.router.version,
+            classifier_version=routed[0].version if routed else self.router.version,
         )
 
 
@@ -142,7 +208,7 @@ class RouterKafkaHandler:
             intents=[events_pb2.Label(name=n, score=s) for n, s in routed.intents],
             queue=routed.decision.queue,
             needs_human=routed.decision.needs_human,
-            classifier_version=self.router.version,
+            classifier_version=routed.version,
             rule=routed.decision.rule,
             source_channel=channel,
             routed_at=now_timestamp(),
@@ -150,9 +216,21 @@ class RouterKafkaHandler:
         return [OutRecord(self.topics.tickets_routed, source.id.encode(), message)]
 
 
+def _hold_per_batch(processor: KafkaProcessor, lock: asyncio.Lock) -> None:
+    """Make the processor hold `lock` for each polled batch (handle, produce, commit): swaps wait between batches."""
+    process: Callable[[list[ConsumerRecord]], Awaitable[None]] = processor._process_batch
+
+    @functools.wraps(process)
+    async def locked(records: list[ConsumerRecord]) -> None:
+        async with lock:
+            await process(records)
+
+    setattr(processor, "_process_batch", locked)  # noqa: B010 - an instance override of the batch step
+
+
 def build_runtime(settings: RouterSettings) -> ServiceRuntime:
     router = Router(settings)
-    return kafka_service_runtime(
+    runtime = kafka_service_runtime(
         name="router",
         settings=settings,
         model=router,
@@ -164,3 +242,8 @@ def build_runtime(settings: RouterSettings) -> ServiceRuntime:
         input_topics=[settings.topics.tickets_created, settings.topics.calls_transcribed],
         handler=RouterKafkaHandler(router, settings),
     )
+    components: list[Any] = list(getattr(runtime, "components", []))
+    for component in components:
+        if isinstance(component, KafkaProcessor):
+            _hold_per_batch(component, router.swap_lock)
+    return runtime

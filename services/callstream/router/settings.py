@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -48,8 +48,13 @@ class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CALLSTREAM_ROUTER_", env_nested_delimiter="__", extra="ignore")
 
     grpc_port: int = 50052
-    # A classifier artifact directory (manifest.json + SetFit model), as written by `callstream classifier train`.
+    # A classifier artifact directory (manifest.json + SetFit model), as written by `callstream classifier train`,
+    # or a model registry (versions/<version>/ + a `current` pointer; `callstream classifier publish`).
     model_dir: Path = Field(default_factory=default_model_dir)
+    # Where the sentence-transformer body runs: torch, or ONNX Runtime on the artifact's onnx/ files.
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # Seconds between checks of model_dir for a new version (registry pointer or manifest); 0 = never reload.
+    reload_interval_s: float = Field(default=0.0, ge=0)
     rules_path: Path = Field(default_factory=default_rules_path)
     # Intent labels returned per text when a request does not say.
     top_k: int = Field(default=3, ge=1)
