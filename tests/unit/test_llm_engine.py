@@ -316,3 +316,28 @@ def test_model_checksum_pin() -> None:
         asyncio.run(main("0" * 64))
     digest = asyncio.run(main(""))
     assert asyncio.run(main(digest.upper())) == digest
+
+
+def test_prefix_cache_reuses_a_shared_prompt_prefix_without_changing_outputs() -> None:
+    long = prompts(with_call=True)  # four prompts sharing the template and the call (~290 tokens)
+    greedy = SamplingParams(ignore_eos=True)
+
+    async def scenario(engine: ContinuousBatchingEngine) -> list[tuple[list[int], int]]:
+        out = []
+        for i, prompt in enumerate([long[0], long[1], long[1]]):
+            tokens, result = await collect(engine, f"p{i}", prompt, 12, sampling=greedy)
+            out.append((tokens, result.cached_tokens))
+        return out
+
+    cached = run_engine(scenario, max_sequences=2, n_ctx=1024)
+    uncached = run_engine(scenario, max_sequences=2, n_ctx=1024, prefix_cache=False)
+    from callstream.llm_engine.engine import common_prefix
+
+    shared = common_prefix(long[0], long[1])
+    assert shared > 200
+    # The second reuses the first's slot (longest shared prefix); the third finds its own prompt there, all but
+    # the last token (computed again for its logits).
+    assert [c for _, c in cached] == [0, shared, len(long[1]) - 1]
+    assert [c for _, c in uncached] == [0, 0, 0]
+    assert [t for t, _ in cached] == [t for t, _ in uncached]  # identical greedy tokens
+    assert cached[1][0] == cached[2][0]

@@ -175,3 +175,49 @@ def test_full_queue_maps_to_a_transient_error_with_retry_hint() -> None:
             waiter.cancel()
 
     run(scenario, max_sequences=1, max_queued_requests=1)
+
+
+def _metric(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or None) or 0.0
+
+
+def test_client_cancelling_mid_stream_frees_its_slot_in_the_metrics_and_the_others_go_on() -> None:
+    async def scenario(address: str, client: TrtllmClient, engine: ContinuousBatchingEngine) -> None:
+        prompt = client.tokenizer.encode_chat([{"role": "user", "content": "Tell me a very long story."}])
+        other_prompt = client.tokenizer.encode_chat([{"role": "user", "content": "Describe the sea."}])
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.TrtllmServiceStub(channel)
+            doomed_request = client.build_request(prompt, 800, None, 0.0, request_id="doomed", streaming=True)
+            doomed_request.ignore_eos = True
+            other_request = client.build_request(other_prompt, 120, None, 0.0, request_id="other", streaming=True)
+            other_request.ignore_eos = True
+            doomed = stub.Generate(doomed_request)
+            other = stub.Generate(other_request)
+            assert (await doomed.read()).HasField("chunk")
+            assert (await other.read()).HasField("chunk")
+            assert _metric("callstream_llm_active_sequences") == 2  # batch occupancy: both slots in use
+            aborted = _metric("callstream_llm_aborted_requests_total")
+            finished_abort = _metric("callstream_llm_requests_finished_total", finish_reason="abort")
+            doomed.cancel()  # the client goes away mid-stream
+            for _ in range(200):
+                if _metric("callstream_llm_active_sequences") == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert _metric("callstream_llm_active_sequences") == 1, "the cancelled stream still holds its slot"
+            assert _metric("callstream_llm_aborted_requests_total") == aborted + 1
+            assert _metric("callstream_llm_requests_finished_total", finish_reason="abort") == finished_abort + 1
+            # The other stream was not finished when the slot came free, and goes on to its full length.
+            rest = []
+            while (response := await other.read()) is not grpc.aio.EOF:
+                rest.append(response)
+            complete = rest[-1].complete
+            assert len(rest) > 1 and complete.finish_reason == "length" and len(complete.output_token_ids) == 120
+            assert _metric("callstream_llm_active_sequences") == 0
+            # ... with the tokens it gets alone (greedy, batch-invariant engine).
+            other_request.request_id = "other-alone"
+            alone = [r async for r in stub.Generate(other_request)][-1].complete
+            assert list(alone.output_token_ids) == list(complete.output_token_ids)
+
+    run(scenario, max_sequences=2, n_ctx=2048)

@@ -119,9 +119,9 @@ def test_errors_are_counted_by_grpc_status_with_an_example() -> None:
         if n % 5 == 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "InvalidInputError: nothing to classify")
         if n % 5 == 2:
-            await asyncio.sleep(1.0)  # past the 0.2 s deadline
+            await asyncio.sleep(1.5)  # past the 0.5 s deadline
 
-    result = run_against(FakeRouter(flaky), LoadPlan(mode="open", rate=50.0, duration_s=1.0, deadline_s=0.2))
+    result = run_against(FakeRouter(flaky), LoadPlan(mode="open", rate=50.0, duration_s=1.0, deadline_s=0.5))
     counts = result["status_counts"]
     assert counts == {"OK": 30, "INVALID_ARGUMENT": 10, "DEADLINE_EXCEEDED": 10}
     assert result["summary"]["errors"] == 20 and result["summary"]["error_rate"] == 0.4

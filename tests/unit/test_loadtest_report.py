@@ -81,7 +81,7 @@ def test_the_json_summary_agrees_with_its_own_samples() -> None:
     )
     lat = result["summary"]["latency_ms"]
     for name, p in (("p50", 50), ("p95", 95), ("p99", 99)):
-        assert lat[name] == pytest.approx(percentile(ok, p), abs=2e-3)
+        assert lat[name] == round(percentile(ok, p), 4)
     assert lat["count"] == len(ok) == 1200 - 12
     assert sum(result["histogram"]["counts"]) == len(ok)
     assert result["status_counts"] == {"OK": 1188, "UNAVAILABLE": 12}

@@ -198,7 +198,9 @@ def bench_all(
         "docs/benchmarks.md"
     ),
     only: Annotated[list[str] | None, typer.Option(help="Run only these: llm-engine, loadtest (repeatable).")] = None,
-    rates: Annotated[list[float] | None, typer.Option("--rate", help="Router load-test rates (req/s).")] = None,
+    rates: Annotated[
+        list[float] | None, typer.Option("--rate", help="Router load-test rates (req/s); default 10.")
+    ] = None,
     duration: Annotated[float, typer.Option(help="Seconds per router load test.")] = 60.0,
     router_target: Annotated[
         str | None, typer.Option(help="HOST:PORT of a running router (default: start one, gRPC only).")
@@ -229,7 +231,7 @@ def bench_all(
         if table:
             text = update_section(text, LLM, table)
     if "loadtest" in wanted:
-        results = run_router_loadtests(out, rates or [20.0], duration, router_target, note)
+        results = run_router_loadtests(out, rates or [10.0], duration, router_target, note)
         if results:
             text = update_section(text, LOADTEST, markdown_table(loadtest_rows(results)) + _machine_line(results))
     docs.parent.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,7 @@ def make_workload(
     output_range: tuple[int, int] = (32, 256),
 ) -> list[BenchRequest]:
     """n summarizer prompts of target lengths in prompt_range (the fixed part sets the floor) and output lengths."""
-    from callstream.summarizer.summarize import system_prompt, user_message
+    from callstream.summarizer.summarize import Kind, system_prompt, user_message
 
     rng = random.Random(seed)
     texts = source_texts()
@@ -110,7 +110,7 @@ def make_workload(
         same_kind = [t for k, t in texts if k == kind]
         rng.shuffle(same_kind)
         body = "\n\n".join(same_kind)  # long enough to cut any target length from
-        k = "call" if kind == "call" else "ticket"
+        k: Kind = "call" if kind == "call" else "ticket"
         messages = [{"role": "system", "content": system_prompt(k)}, {"role": "user", "content": ""}]
         messages[1]["content"] = user_message("", k)
         overhead = len(tokenizer.encode_chat(messages))
@@ -364,6 +364,13 @@ def run_benchmark(
     }
     runs: list[dict[str, Any]] = []
     log_dir = Path(tempfile.mkdtemp(prefix="callstream-bench-llm-"))
+    start_load = meta["load_at_start"]
+    console.print(f"load average {start_load['loadavg']} on {start_load['cpus']} CPUs; busiest processes:")
+    for line in start_load.get("top_processes", [])[:5]:
+        console.print(f"  {line}")
+    if start_load["loadavg"][0] > 0.5 * (start_load["cpus"] or 1):
+        console.print("[yellow]the machine is not quiet: the numbers will be lower and noisier[/yellow]")
+    console.print(f"workload: {meta['prompt_tokens']} prompt tokens, outputs {output_range}, engine logs in {log_dir}")
     for threads in threads_list:
         with (
             engine_process("continuous", max_c, ctx_per_seq, threads, extra, log_dir) as cont,
@@ -376,6 +383,7 @@ def run_benchmark(
                 reference: list[Outcome] | None = None
                 for mode in ("sequential", *[m for m in modes if m != "sequential"]):
                     engine = seq if mode == "sequential" else cont
+                    console.print(f"threads={threads} c={c:>2} {mode:<13} {len(requests)} requests ...", end="\r")
                     before, load_before = scrape(engine.metrics_url), os.getloadavg()[0]
                     outcomes, wall = asyncio.run(run_mode(engine.address, mode, requests, c, f"{mode}-{c}-{threads}"))
                     after, load_after = scrape(engine.metrics_url), os.getloadavg()[0]

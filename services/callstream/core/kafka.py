@@ -136,8 +136,11 @@ class KafkaProcessor:
         handler: Handler,
         group_id: str | None = None,
         transient_retry_s: float = 60.0,
+        batch_lock: asyncio.Lock | None = None,
     ) -> None:
         self.service = service
+        # Held for each whole batch (handle, produce, commit): lets a model swap happen only between batches.
+        self.batch_lock = batch_lock
         self.kafka = kafka
         self.topics = topics
         self.input_topics = input_topics
@@ -197,8 +200,13 @@ class KafkaProcessor:
         while not self._stopping.is_set():
             batches = await self._consumer.getmany(timeout_ms=200, max_records=self.kafka.max_poll_records)
             records = [r for rs in batches.values() for r in rs]
-            if records:
+            if not records:
+                continue
+            if self.batch_lock is None:
                 await self._process_batch(records)
+            else:
+                async with self.batch_lock:
+                    await self._process_batch(records)
 
     async def _process_batch(self, records: list[ConsumerRecord]) -> None:
         assert self._producer is not None and self._consumer is not None
@@ -265,6 +273,7 @@ def kafka_service_runtime(
     input_topics: list[str],
     handler: Handler,
     transient_retry_s: float = 60.0,
+    batch_lock: asyncio.Lock | None = None,
 ) -> ServiceRuntime:
     """A service that answers gRPC and, when `settings.consume`, consumes `input_topics` with `handler`.
 
@@ -281,6 +290,7 @@ def kafka_service_runtime(
             input_topics=input_topics,
             handler=handler,
             transient_retry_s=transient_retry_s,
+            batch_lock=batch_lock,
         )
         components.append(processor)
     return ServiceRuntime(

@@ -93,7 +93,7 @@ NOT_NAMES = frozenset(
     ]
 )
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
-_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*")
+_WORD = re.compile(r"[A-Za-z][A-Za-z']*")
 _SENTENCE_END = re.compile(r"[.!?:;\n]\s*$")
 
 
@@ -173,10 +173,11 @@ def _numbers(text: str) -> set[str]:
     return {n.replace(",", "").rstrip(".") for n in _NUMBER.findall(text)}
 
 
-def invented_entities(summary: str, source: str) -> dict[str, list[str]]:
-    """Numbers, dates and names in the summary that the source does not contain."""
+def invented_entities(summary: str, source: str, prompt: str = "") -> dict[str, list[str]]:
+    """Numbers, dates and names in the summary that the source does not contain. Words of the prompt's own text
+    (`prompt`: "call transcript", "support ticket", ...) are not names."""
     src_numbers = _numbers(source)
-    src_words = {w.lower() for w in _WORD.findall(source)}
+    src_words = {w.lower() for w in _WORD.findall(source + "\n" + prompt)}
     numbers = sorted({n for n in _numbers(summary) if n not in src_numbers})
     dates: set[str] = set()
     names: set[str] = set()
@@ -197,9 +198,12 @@ def invented_entities(summary: str, source: str) -> dict[str, list[str]]:
 
 
 def score_item(item: EvalItem, summary: dict[str, Any]) -> tuple[int, list[str], dict[str, list[str]]]:
+    from callstream.summarizer.summarize import Kind, system_prompt, user_message
+
+    kind: Kind = "call" if item.kind == "call" else "ticket"
     text = summary_text(summary)
     found, missing = fact_coverage(text, item.facts)
-    return found, missing, invented_entities(text, item.text)
+    return found, missing, invented_entities(text, item.text, system_prompt(kind) + user_message("", kind))
 
 
 async def evaluate(

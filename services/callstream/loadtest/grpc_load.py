@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections import Counter
@@ -47,6 +48,13 @@ def build_result(
     name: str = "",
 ) -> dict[str, Any]:
     """The JSON result (docs/loadtest.md) of one finished run."""
+    # Times to the microsecond, as the samples are written: the summary is then exactly that of the samples.
+    rec = dataclasses.replace(
+        rec,
+        scheduled=[_round_s(x) for x in rec.scheduled],
+        started=[_round_s(x) for x in rec.started],
+        ended=[_round_s(x) for x in rec.ended],
+    )
     n = len(rec.status)
     start = plan.ramp_up_s
     window = [i for i in range(n) if rec.scheduled[i] >= start]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import uuid
 from collections import Counter
@@ -129,6 +130,7 @@ class KafkaRun:
     publish_end: float = 0.0
     collect_end: float = 0.0
     dlq_examples: dict[str, str] = field(default_factory=dict)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def now(self) -> float:
         return asyncio.get_running_loop().time() - self.t0
@@ -202,8 +204,11 @@ class KafkaRun:
             for tp in tps:
                 await watcher.position(tp)  # resolve the end offsets now, before anything is published
             await probe.topics()
-            self.t0 = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            self.t0 = loop.time()
             self.wall_t0 = time.time()
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGINT, self.stop.set)  # Ctrl-C: stop, keep what was measured
             done = asyncio.Event()
             display = asyncio.create_task(show_progress("loadtest kafka", self.progress_rows, done, enabled=live))
             lagger = asyncio.create_task(self._sample_lag(admin, probe, done))
@@ -215,6 +220,8 @@ class KafkaRun:
                 done.set()
                 collector.cancel()
                 await asyncio.gather(collector, lagger, display, return_exceptions=True)
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(signal.SIGINT)
         finally:
             for client in reversed(started):
                 with contextlib.suppress(Exception):
@@ -226,7 +233,10 @@ class KafkaRun:
         for due, kind, n in plan_events:
             delay = due - self.now()
             if delay > 0:
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
+            if self.stop.is_set():
+                break
             key, topic, message = self._message(kind, n, due)
             event = Event(key, kind, due)
             self.events[key] = event
@@ -256,6 +266,8 @@ class KafkaRun:
         summarized = self.topics.tickets_summarized
         try:
             while True:
+                if self.stop.is_set():
+                    break
                 if self.publish_done and (
                     all(e.done for e in self.events.values())
                     or self.now() > self.publish_end + self.plan.drain_timeout_s

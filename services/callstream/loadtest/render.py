@@ -75,6 +75,14 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _log_label(value: float, _pos: int | None = None) -> str:
+    """Tick labels on a log axis: 1, 2, 3 and 5 times a power of ten, plain numbers (no 10^x)."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if round(mantissa, 3) in (1.0, 2.0, 3.0, 5.0) else ""
+
+
 def _plt() -> Any:
     import matplotlib
 
@@ -109,8 +117,8 @@ def histogram_png(
     from matplotlib.ticker import FuncFormatter
 
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(_log_label))
+    ax.xaxis.set_minor_formatter(FuncFormatter(_log_label))
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("latency (ms, log scale)")
     ax.set_ylabel("requests")
@@ -143,9 +151,8 @@ def series_png(
         from matplotlib.ticker import FuncFormatter
 
         ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _pos: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        ax.yaxis.set_major_formatter(FuncFormatter(_log_label))
+        ax.yaxis.set_minor_formatter(FuncFormatter(_log_label))
         ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel(ylabel)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 from aiokafka import ConsumerRecord
@@ -29,7 +27,7 @@ from callstream.core import codec
 from callstream.core.batching import DynamicBatcher
 from callstream.core.errors import InvalidInputError
 from callstream.core.grpc_server import GrpcService, ServiceRuntime, abort_with
-from callstream.core.kafka import KafkaProcessor, OutRecord, kafka_service_runtime, now_timestamp
+from callstream.core.kafka import OutRecord, kafka_service_runtime, now_timestamp
 from callstream.router.classifier import IntentClassifier, load_classifier, read_manifest
 from callstream.router.registry import resolve_model_dir
 from callstream.router.rules import RouteDecision, RoutingRules
@@ -216,21 +214,9 @@ class RouterKafkaHandler:
         return [OutRecord(self.topics.tickets_routed, source.id.encode(), message)]
 
 
-def _hold_per_batch(processor: KafkaProcessor, lock: asyncio.Lock) -> None:
-    """Make the processor hold `lock` for each polled batch (handle, produce, commit): swaps wait between batches."""
-    process: Callable[[list[ConsumerRecord]], Awaitable[None]] = processor._process_batch
-
-    @functools.wraps(process)
-    async def locked(records: list[ConsumerRecord]) -> None:
-        async with lock:
-            await process(records)
-
-    setattr(processor, "_process_batch", locked)  # noqa: B010 - an instance override of the batch step
-
-
 def build_runtime(settings: RouterSettings) -> ServiceRuntime:
     router = Router(settings)
-    runtime = kafka_service_runtime(
+    return kafka_service_runtime(
         name="router",
         settings=settings,
         model=router,
@@ -241,9 +227,5 @@ def build_runtime(settings: RouterSettings) -> ServiceRuntime:
         ),
         input_topics=[settings.topics.tickets_created, settings.topics.calls_transcribed],
         handler=RouterKafkaHandler(router, settings),
+        batch_lock=router.swap_lock,
     )
-    components: list[Any] = list(getattr(runtime, "components", []))
-    for component in components:
-        if isinstance(component, KafkaProcessor):
-            _hold_per_batch(component, router.swap_lock)
-    return runtime

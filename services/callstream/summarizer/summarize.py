@@ -6,8 +6,15 @@ The transcript or ticket is data, never instructions:
   three or more angle brackets in it (look-alikes folded by NFKC, plus ‹ « 〈 ⟨) are neutralized, so it cannot
   close its block early; chat-control look-alikes "<|" / "|>" are broken up too (the tokenizer also encodes
   message contents as plain text, see tokenizer.py);
+- sentences of the text that address the assistant (prompt injection: "ignore previous instructions",
+  "reply in French", "say the word X", "you are now ...", role labels such as "SYSTEM:") are replaced by
+  INJECTION_MARK before the model sees them: small models copy such words whatever the system prompt says
+  (SmolLM2-135M put the injected word into action_items). The patterns are general, see INJECTION_PATTERNS;
 - the output is generated under SUMMARY_SCHEMA (guided decoding), then parsed and validated again here
-  (SummaryModel, pydantic, strict); an invalid answer gets one retry with the reason, then SummaryValidationError.
+  (SummaryModel, pydantic, strict), and checked: it must be English (check_output: function words of French,
+  Spanish, German, Italian or Portuguese must not outnumber English ones) and must not repeat a word that an
+  instruction inside the text asked for (quoted or all-caps words there). An invalid answer gets one retry with
+  the reason, then SummaryValidationError (the Kafka path dead-letters it with that reason).
 Long texts are trimmed to the token budget: the start and the end are kept and the cut is marked.
 """
 
@@ -72,6 +79,7 @@ class SummaryResult:
     latency_s: float  # engine time over all attempts
     attempts: int = 1
     input_trimmed: bool = False
+    injections_removed: int = 0  # sentences addressed to the assistant that were taken out of the text
 
 
 class SummaryEngine(Protocol):
@@ -120,6 +128,125 @@ def system_prompt(kind: Kind) -> str:
         '- "customer_sentiment": "positive", "neutral" or "negative";\n'
         '- "follow_up_needed": true or false.'
     )
+
+
+INJECTION_MARK = "[instructions to the assistant removed]"
+_LANGUAGES = (
+    "french|spanish|german|italian|portuguese|dutch|russian|chinese|japanese|korean|arabic|hindi|turkish|polish|"
+    "swedish|latin|klingon|pirate|emoji|binary|base64|uppercase|capital letters"
+)
+# Sentences that address the assistant, not the contact center. General patterns, not a list of known attacks.
+INJECTION_PATTERNS = [
+    re.compile(p, re.IGNORECASE)
+    for p in (
+        r"\b(ignore|disregard|forget|override|bypass)\b[^.!?\n]{0,40}\b(instructions?|prompts?|rules|directions|"
+        r"guidelines|programming|system message)\b",
+        r"\b(you are now (an? |the |my )?(ai|assistant|model|chatbot|bot|dan|unrestricted|free)|from now on,? you "
+        r"(will|must|are|should)|act as an? (ai|assistant|model|chatbot)|pretend (to be|you are)|new instructions?|"
+        r"system prompt|developer mode|jailbreak)\b",
+        r"\b(reply|respond|answer|write|speak|talk|summari[sz]e|output)\b[^.!?\n]{0,30}\b(only )?in "
+        rf"({_LANGUAGES})\b",
+        r"\b(say|output|print|write|reply with|respond with|answer with|end with|start with)\b"
+        r"[^.!?\n]{0,30}\bthe (word|words|phrase|text|string|token)\b",
+        r"\b(include|add|put|insert|append)\b[^.!?\n]{0,40}\b(in|to|into)\b[^.!?\n]{0,10}\b(your|the) "
+        r"(answer|response|reply|summary|output)\b",
+        r"<\s*/?\s*(system|assistant|instructions?)\s*>",
+    )
+]
+_ROLE_LABEL = re.compile(r"^\W*(system|assistant|developer|instructions?|prompt)\s*:", re.IGNORECASE)
+_SPEAKER = re.compile(r"^\s*[A-Za-z][\w .'-]{0,30}:\s*(?=\S)")
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
+_QUOTED = re.compile(r"[\"\u201c]([^\"\u201d\n]{1,40})[\"\u201d]|(?<!\w)'([^'\n]{1,40})'(?!\w)")
+_CAPS = re.compile(r"\b[A-Z][A-Z0-9]{2,}\b")
+_AFTER_WORD = re.compile(r"\bthe (?:word|words|phrase|text|string|token)\s+[\"'\u201c]?([\w-]+)", re.IGNORECASE)
+_ROLE_WORDS = frozenset({"SYSTEM", "USER", "ASSISTANT", "DEVELOPER", "INST", "AI", "JSON"})
+
+
+def find_injections(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence in `text` that addresses the assistant rather than the contact center.
+    A line labelled as a role ("SYSTEM: ...") counts whole; otherwise sentence by sentence after a speaker label."""
+    spans: list[tuple[int, int]] = []
+    for line_match in re.finditer(r"[^\n]+", text):
+        line, offset = line_match.group(0), line_match.start()
+        if _ROLE_LABEL.match(line):
+            spans.append((offset, offset + len(line)))
+            continue
+        speaker = _SPEAKER.match(line)
+        body = speaker.end() if speaker else 0
+        if _ROLE_LABEL.match(line[body:]):
+            spans.append((offset + body, offset + len(line)))
+            continue
+        for sentence in _SENTENCE.finditer(line, body):
+            if any(p.search(sentence.group(0)) for p in INJECTION_PATTERNS):
+                lead = len(sentence.group(0)) - len(sentence.group(0).lstrip())
+                spans.append((offset + sentence.start() + lead, offset + sentence.end()))
+    return spans
+
+
+def _mentions(text: str, word: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
+
+
+def quarantine(text: str) -> tuple[str, frozenset[str], int]:
+    """The text with injected instructions replaced by INJECTION_MARK, the words those instructions asked for
+    (quoted, all-caps, or after "the word") that the rest of the text does not use, and how many were removed."""
+    spans = find_injections(text)
+    if not spans:
+        return text, frozenset(), 0
+    payload: set[str] = set()
+    out, pos = [], 0
+    for start, end in spans:
+        sentence = text[start:end]
+        for pair in _QUOTED.findall(sentence):
+            for quoted in pair:
+                payload.update(w.lower() for w in re.findall(r"[\w-]{2,}", quoted))
+        payload.update(w.lower() for w in _CAPS.findall(sentence) if w not in _ROLE_WORDS)
+        payload.update(w.lower() for w in _AFTER_WORD.findall(sentence))
+        out.append(text[pos:start])
+        out.append(INJECTION_MARK)
+        pos = end
+    out.append(text[pos:])
+    cleaned = "".join(out)
+    rest = cleaned.replace(INJECTION_MARK, " ").lower()
+    return cleaned, frozenset(w for w in payload if not _mentions(rest, w)), len(spans)
+
+
+def _word_set(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
+_FUNCTION_WORDS = {
+    "english": _word_set(
+        "the and to of a in is was for with on that it this be are has have not by at from an as or will"
+    ),
+    "french": _word_set("le la les des et est une un pour avec dans du au aux vous je ne pas que qui sur ce"),
+    "spanish": _word_set("el los las y es una por con para del se su al lo como pero muy está"),
+    "german": _word_set("der die das und ist nicht mit ein eine zu den für sie ich auf dem des auch"),
+    "italian": _word_set("il di che è per una non sono della con gli le si anche come"),
+    "portuguese": _word_set("o os e é um uma para com não do da em que se por mais"),
+}
+
+
+def language_of(text: str) -> str:
+    """The language whose function words are most frequent in `text` ("english" on a tie or too few words)."""
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    counts = {lang: sum(1 for w in words if w in fw) for lang, fw in _FUNCTION_WORDS.items()}
+    best = max(counts, key=lambda lang: counts[lang])
+    if counts[best] < 2 or counts[best] <= counts["english"]:
+        return "english"
+    return best
+
+
+def check_output(model: SummaryModel, injected: frozenset[str]) -> None:
+    """Raise ValueError when the summary is not English or repeats a word an injected instruction asked for."""
+    text = "\n".join([model.summary, model.issue, model.resolution, *model.action_items])
+    language = language_of(text)
+    if language != "english":
+        raise ValueError(f"written in {language.capitalize()}, not English")
+    lower = text.lower()
+    echoed = sorted(w for w in injected if _mentions(lower, w))
+    if echoed:
+        raise ValueError(f"repeats {', '.join(echoed)} from an instruction inside the text, which is data")
 
 
 def neutralize(text: str) -> str:
@@ -230,7 +357,7 @@ class Summarizer:
         budget = self.max_input_tokens
         if info.max_seq_len > 0:  # the engine's own limit per request (prompt + output)
             budget = min(budget, info.max_seq_len - self.max_output_tokens)
-        clean = neutralize(text.strip())
+        clean, injected, removed = quarantine(neutralize(text.strip()))
         overhead = self._count(self.messages("", k)) + RETRY_NOTE_TOKENS
         body, trimmed = self.trim(clean, budget - overhead)
         prompt_tokens = completion_tokens = 0
@@ -254,6 +381,7 @@ class Summarizer:
                     penalty = max(penalty or 1.0, self.retry_repetition_penalty)
                     raise ValueError(f"cut off at max_output_tokens={self.max_output_tokens}")
                 model = parse_summary(generation.text)
+                check_output(model, injected)
             except ValueError as exc:
                 reason = str(exc)[:MAX_REASON_CHARS]
                 continue
@@ -271,5 +399,6 @@ class Summarizer:
                 latency_s=latency,
                 attempts=attempt,
                 input_trimmed=trimmed,
+                injections_removed=removed,
             )
         raise SummaryValidationError(f"the engine's summary did not validate after 2 attempts: {reason}")
