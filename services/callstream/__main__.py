@@ -1,3 +1,3 @@
-from callstream.cli import app
+from callstream.cli import main
 
-app()
+main()

@@ -256,3 +256,15 @@ def _register_subapps() -> None:
 
 
 _register_subapps()
+
+
+def main() -> None:
+    """The console script: callstream's own errors (bad settings, a tampered model, unreadable input) print one
+    clear line and exit 2 instead of a traceback."""
+    from callstream.core.errors import CallstreamError
+
+    try:
+        app(standalone_mode=True)
+    except CallstreamError as exc:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise SystemExit(2) from None
