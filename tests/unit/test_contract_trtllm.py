@@ -12,7 +12,10 @@ The SAME tests run against two servers (the `server` parameter):
 Re-record (after a deliberate change of the client's requests or of the engine):
     CALLSTREAM_RECORD_CONTRACT=1 .venv/bin/python -m pytest tests/unit/test_contract_trtllm.py -k cpu-engine
 
-No GPU was available: these tests do NOT show that trtllm-serve answers the same way (docs/llm-engine.md).
+No GPU was available: these tests do NOT show that trtllm-serve answers the same way (docs/llm-engine.md). On a GPU
+node, the same contract runs against a real server as a third parameter:
+    CALLSTREAM_CONTRACT_TRTLLM_ADDRESS=host:port CALLSTREAM_CONTRACT_TRTLLM_TOKENIZER=/models/llm \
+        .venv/bin/python -m pytest tests/unit/test_contract_trtllm.py -k trtllm-serve
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ if not default_gguf_path().is_file():  # pragma: no cover
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "trtllm_contract.json"
 RECORD = os.environ.get("CALLSTREAM_RECORD_CONTRACT") == "1"
+TRTLLM_ADDRESS = os.environ.get("CALLSTREAM_CONTRACT_TRTLLM_ADDRESS", "")
 UNARY = {
     "HealthCheck": (pb.HealthCheckRequest, pb.HealthCheckResponse),
     "GetModelInfo": (pb.GetModelInfoRequest, pb.GetModelInfoResponse),
@@ -225,17 +229,35 @@ def tokenizer() -> GgufTokenizer:
     return GgufTokenizer(default_gguf_path())
 
 
-@pytest.fixture(params=["cpu-engine", "replay-stub"])
+SERVERS = ["cpu-engine", "replay-stub"]
+if TRTLLM_ADDRESS:
+    SERVERS.append("trtllm-serve")
+
+
+@pytest.fixture(params=SERVERS)
 def contract(request: pytest.FixtureRequest, tokenizer: GgufTokenizer) -> Callable[..., None]:
-    """Run a scenario against the parametrized server: contract(scenario, **engine_settings)."""
+    """Run a scenario against the parametrized server: contract(scenario, **engine_settings).
+
+    "trtllm-serve" runs only with CALLSTREAM_CONTRACT_TRTLLM_ADDRESS (and _TOKENIZER: the served model's HF
+    tokenizer directory) set: the same contract against a real `trtllm-serve MODEL --grpc`. Scenarios that need the
+    engine configured a certain way (engine settings given) are skipped there."""
     server = request.param
     name = request.node.originalname
 
     def run(scenario: Scenario, **engine_overrides: Any) -> None:
+        if server == "trtllm-serve" and engine_overrides:
+            pytest.skip("needs an engine configured for this scenario: " + ", ".join(engine_overrides))
+
         async def main() -> None:
             proxy: RecordingProxy | None = None
+            client_tokenizer: Any = tokenizer
             async with contextlib.AsyncExitStack() as stack:
-                if server == "cpu-engine":
+                if server == "trtllm-serve":
+                    from callstream.summarizer.tokenizer import load_tokenizer
+
+                    address = TRTLLM_ADDRESS
+                    client_tokenizer = load_tokenizer(os.environ["CALLSTREAM_CONTRACT_TRTLLM_TOKENIZER"])
+                elif server == "cpu-engine":
                     address = await stack.enter_async_context(cpu_engine(**engine_overrides))
                     if RECORD:
                         proxy = RecordingProxy(address)
@@ -245,7 +267,7 @@ def contract(request: pytest.FixtureRequest, tokenizer: GgufTokenizer) -> Callab
                     if name not in scenarios:
                         pytest.fail(f"{FIXTURE.name} has no recording of {name}; record it (see the module doc)")
                     address = await stack.enter_async_context(grpc_server(ReplayStub(scenarios[name])))
-                client = TrtllmClient(address, tokenizer, timeout_s=60)
+                client = TrtllmClient(address, client_tokenizer, timeout_s=120)
                 try:
                     await scenario(address, client)
                 finally:
@@ -316,8 +338,9 @@ def test_contract_summary_validates_and_names_engine_and_model(contract: Callabl
 
 def test_contract_prompt_longer_than_the_engine_holds_is_invalid_input(contract: Callable[..., None]) -> None:
     async def scenario(address: str, client: TrtllmClient) -> None:
+        info = await client.model_info()
         with pytest.raises(InvalidInputError):
-            await client.generate([{"role": "user", "content": "word " * 3000}], 10)
+            await client.generate([{"role": "user", "content": "word " * (info.max_input_len + 50)}], 10)
 
     contract(scenario)
 

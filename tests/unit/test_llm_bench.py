@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from callstream.bench.llm_engine import agreement, make_workload, ratios, run_mode, summarize_run
+from callstream.bench.llm_engine import RunResult, agreement, make_workload, ratios, run_mode, summarize_run
 from callstream.core.broker import free_port
 from callstream.core.grpc_server import run_service
 from callstream.llm_engine.server import build_runtime
@@ -67,20 +67,25 @@ async def engine(**overrides: int) -> AsyncIterator[str]:
 def test_every_mode_serves_the_same_requests_with_the_same_tokens(tokenizer) -> None:  # type: ignore[no-untyped-def]
     requests = make_workload(tokenizer, 4, seed=3, prompt_range=(200, 260), output_range=(3, 9))
 
-    async def main() -> dict[str, list]:  # type: ignore[type-arg]
+    async def main() -> dict[str, RunResult]:
         out = {}
         async with engine() as address:
             for mode in ("sequential", "continuous", "static", "static_padded"):
-                outcomes, wall = await run_mode(address, mode, requests, 2, mode)
-                assert wall > 0
-                out[mode] = outcomes
+                out[mode] = await run_mode(address, mode, requests, 2, 0.5, 0.0, mode)
         return out
 
     out = asyncio.run(main())
-    for mode, outcomes in out.items():
-        assert [len(o.tokens) for o in outcomes] == [r.output_tokens for r in requests], mode
-        assert [o.tokens for o in outcomes] == [o.tokens for o in out["sequential"]], mode
+    reference = {o.index: o.tokens for o in out["sequential"].outcomes}
+    for mode, result in out.items():
+        outcomes = result.outcomes
+        assert len(outcomes) >= 2 and [o.index for o in outcomes] == list(range(len(outcomes))), mode
+        # Each served its own request: the exact length (padded ones count only theirs) and the same tokens.
+        assert [len(o.tokens) for o in outcomes] == [requests[o.index % 4].output_tokens for o in outcomes], mode
+        assert all(o.tokens == reference[o.index] for o in outcomes if o.index in reference), mode
         assert all(o.first_token >= o.sent and o.done >= o.first_token for o in outcomes)
-    run = summarize_run("static", 2, 1, out["static"], 1.0, {}, {}, (0.0, 0.0))
-    assert run["output_tokens"] == sum(r.output_tokens for r in requests)
+    static = out["static"]
+    assert static.window == (static.started, static.ended)
+    assert static.tokens_in_window == sum(len(o.tokens) for o in static.outcomes)  # whole groups
+    run = summarize_run(static, 2, 1, {}, {}, (0.0, 0.0))
+    assert run["output_tokens_per_second"] > 0 and run["requests"] == len(static.outcomes)
     assert run["queue_p95_s"] is not None and run["ttft_p95_s"] >= run["queue_p50_s"]

@@ -10,18 +10,23 @@ the client, speaking trtllm.TrtllmService like the summarizer does. Two engine p
 - "static": the continuous engine, fed in fixed groups of `concurrency` requests: a group starts together and the
   next group waits until the whole group finished (finished sequences free their slot early, which is kinder to
   static batching than a real fixed-shape batch);
-- "static_padded" (--padded-static): a real fixed-shape batch as HF generate or FasterTransformer run it: every
+- "static_padded": a real fixed-shape batch as HF generate or FasterTransformer run it: every
   request of a group generates as many tokens as the group's longest; only its own length counts as output.
 
 Workload (fixed seed): summarizer-style prompts (the summarizer's system prompt and a sample ticket or call, made
 up to a target length drawn from [prompt_min, prompt_max] tokens) and output lengths drawn from
-[output_min, output_max], made exact with ignore_eos. Greedy decoding. Every mode at a concurrency serves the SAME
-requests, so the outputs of continuous and static runs are compared with the sequential run's, request by request.
+[output_min, output_max], made exact with ignore_eos. Greedy decoding. Every run takes the requests in the same
+order from the same list, so the outputs of continuous and static runs are compared with the sequential run's,
+request by request. Before the runs every slot serves one short request, so all modes start with warm prefix caches.
 
-Reported per run: output tokens/s (output tokens / wall time of the run), client-side time to first token p50/p95,
-the engine's queue time (arrival to first prefill step, from GenerateComplete.perf_metrics) p50/p95, time per output
-token, prompt tokens reused from the prefix cache, and the mean decode batch occupancy (Prometheus,
-callstream_llm_decode_batch_sequences).
+Steady state (see run_mode): each run applies load for a fixed time. Continuous and sequential throughput counts
+the output tokens streamed between the end of a warm-up (the first seconds are a burst of simultaneous arrivals)
+and the end of the load; a finite run's drain is not counted. Static throughput is measured over whole groups.
+
+Reported per run: output tokens/s, client-side time to first token p50/p95, the engine's queue time (arrival to
+first prefill step, from GenerateComplete.perf_metrics) p50/p95, TTFT minus queue time, time per output token,
+prompt tokens computed and reused from the prefix cache, the mean decode batch occupancy (Prometheus,
+callstream_llm_decode_batch_sequences) and the share of time inside llama_decode.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ import typer
 from callstream.bench import bench_app, report
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
-MODES = ("continuous", "static", "sequential")
+MODES = ("continuous", "static", "sequential", "static_padded")
+WORKLOAD_SIZE = 512  # requests generated; a run cycles through them from the first
 # Tolerance for "the same request alone vs inside a batch" (greedy): identical first 16 tokens and at least 90% of
 # all tokens identical (as tests/unit/test_llm_engine.py). The engine is built to be batch-invariant, so the
 # expected result is stricter: identical token for token; the JSON reports both counts.
@@ -64,8 +70,10 @@ class BenchRequest:
 
 @dataclass
 class Outcome:
-    index: int
+    index: int  # position in the run's sequence of requests (the workload, cycled)
+    useful: int  # output tokens that count (its own length; static_padded generates more)
     tokens: list[int] = field(default_factory=list)
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (client clock, useful tokens received)
     sent: float = 0.0  # client clock (perf_counter)
     first_token: float = 0.0
     done: float = 0.0
@@ -176,11 +184,11 @@ def scrape(url: str) -> dict[str, float]:
 # ----- the client -----
 
 
-async def one_request(stub: Any, req: BenchRequest, max_tokens: int, tag: str) -> Outcome:
+async def one_request(stub: Any, index: int, req: BenchRequest, max_tokens: int, tag: str) -> Outcome:
     from smg_grpc_proto import trtllm_service_pb2 as pb
 
     request = pb.GenerateRequest(
-        request_id=f"{tag}-{req.index}",
+        request_id=f"{tag}-{index}",
         tokenized=pb.TokenizedInput(input_token_ids=req.prompt),
         sampling_config=pb.SamplingConfig(beam_width=1, num_return_sequences=1, temperature=0.0, top_k=1),
         output_config=pb.OutputConfig(return_perf_metrics=True),
@@ -188,58 +196,91 @@ async def one_request(stub: Any, req: BenchRequest, max_tokens: int, tag: str) -
         streaming=True,
         ignore_eos=True,
     )
-    out = Outcome(req.index, sent=time.perf_counter())
+    out = Outcome(index, useful=req.output_tokens, sent=time.perf_counter())
+    received = 0
     async for response in stub.Generate(request, timeout=1800):
-        if response.HasField("chunk"):
-            if not out.first_token and response.chunk.token_ids:
-                out.first_token = time.perf_counter()
+        now = time.perf_counter()
+        if response.HasField("chunk") and response.chunk.token_ids:
+            out.first_token = out.first_token or now
+            n = min(len(response.chunk.token_ids), out.useful - received)
+            if n > 0:
+                out.chunks.append((now, n))
+                received += n
         elif response.HasField("complete"):
             c = response.complete
-            out.done = time.perf_counter()
-            out.tokens = list(c.output_token_ids)
+            out.done = now
+            out.tokens = list(c.output_token_ids)[: out.useful]
             out.finish_reason = c.finish_reason
             out.cached_tokens = c.cached_tokens
             perf = c.perf_metrics
             out.queue_s = max(0.0, perf.first_scheduled_time - perf.arrival_time)
             out.engine_ttft_s = max(0.0, perf.first_token_time - perf.arrival_time)
-    if not out.first_token:
-        out.first_token = out.done
+    out.first_token = out.first_token or out.done
     return out
 
 
+@dataclass
+class RunResult:
+    mode: str
+    outcomes: list[Outcome]  # in request order
+    window: tuple[float, float]  # the client-clock span over which throughput is measured
+    tokens_in_window: int
+    started: float
+    ended: float  # the last request done (in-flight requests finish after the measuring window)
+
+
 async def run_mode(
-    address: str, mode: str, requests: Sequence[BenchRequest], concurrency: int, tag: str
-) -> tuple[list[Outcome], float]:
-    """Serve `requests` in `mode`; returns the outcomes (in request order) and the wall time of the run."""
+    address: str,
+    mode: str,
+    workload: Sequence[BenchRequest],
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    tag: str,
+) -> RunResult:
+    """Serve requests (the workload in order, cycled) in `mode` for duration_s, in steady state.
+
+    continuous / sequential: `concurrency` closed-loop clients until duration_s; throughput counts the output
+    tokens received between warmup_s (the start is a burst of simultaneous arrivals) and duration_s. Requests in
+    flight at the end finish (for latency and the output check) but their later tokens are not counted.
+    static / static_padded: groups of `concurrency` start together until duration_s; every group runs to its end
+    and throughput is all tokens over the span of whole groups (each group's ramp-up and tail is what static
+    batching costs).
+    """
     import grpc
     from smg_grpc_proto import trtllm_service_pb2_grpc as pb_grpc
 
+    n = len(workload)
+    outcomes: list[Outcome] = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.TrtllmServiceStub(channel)
-        outcomes: dict[int, Outcome] = {}
         started = time.perf_counter()
+        deadline = started + duration_s
+        counter = iter(range(1 << 30))
+
+        async def one(i: int, padded_to: int | None = None) -> None:
+            req = workload[i % n]
+            outcomes.append(await one_request(stub, i, req, padded_to or req.output_tokens, tag))
+
         if mode in ("static", "static_padded"):
-            for g in range(0, len(requests), concurrency):
-                group = requests[g : g + concurrency]
-                longest = max(r.output_tokens for r in group)
-                results = await asyncio.gather(
-                    *(one_request(stub, r, longest if mode == "static_padded" else r.output_tokens, tag) for r in group)
-                )
-                for r, o in zip(group, results, strict=True):
-                    if mode == "static_padded":  # padding: the group's batch shape; only r's own tokens count
-                        o.tokens = o.tokens[: r.output_tokens]
-                    outcomes[r.index] = o
-        else:  # continuous and sequential: closed-loop clients
-            pending = list(reversed(requests))
+            while time.perf_counter() < deadline:
+                group = [next(counter) for _ in range(concurrency)]
+                longest = max(workload[i % n].output_tokens for i in group)
+                await asyncio.gather(*(one(i, longest if mode == "static_padded" else None) for i in group))
+            ended = time.perf_counter()
+            window = (started, ended)
+        else:
 
-            async def worker() -> None:
-                while pending:
-                    r = pending.pop()
-                    outcomes[r.index] = await one_request(stub, r, r.output_tokens, tag)
+            async def client() -> None:
+                while time.perf_counter() < deadline:
+                    await one(next(counter))
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-    return [outcomes[r.index] for r in requests], wall
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            ended = time.perf_counter()
+            window = (started + warmup_s, deadline)
+    outcomes.sort(key=lambda o: o.index)
+    tokens = sum(k for o in outcomes for t, k in o.chunks if window[0] <= t <= window[1])
+    return RunResult(mode, outcomes, window, tokens, started, ended)
 
 
 def pct(values: Sequence[float], q: float) -> float | None:
@@ -256,48 +297,52 @@ def agreement(reference: list[int], tokens: list[int]) -> tuple[bool, bool]:
 
 
 def summarize_run(
-    mode: str,
+    result: RunResult,
     concurrency: int,
     threads: int,
-    outcomes: Sequence[Outcome],
-    wall: float,
     metrics_before: dict[str, float],
     metrics_after: dict[str, float],
     load: tuple[float, float],
 ) -> dict[str, Any]:
-    tokens = sum(len(o.tokens) for o in outcomes)
-    ttft = [o.first_token - o.sent for o in outcomes]
-    queue = [o.queue_s for o in outcomes]
+    lo, hi = result.window
+    span = hi - lo
+    # Latency over the requests sent inside the window (static: all of them).
+    sample = [o for o in result.outcomes if lo <= o.sent <= hi] or result.outcomes
+    ttft = [o.first_token - o.sent for o in sample]
+    queue = [o.queue_s for o in sample]
     service = [t - q for t, q in zip(ttft, queue, strict=True)]  # prefill and first step after the queue
-    tpot = [(o.done - o.first_token) / (len(o.tokens) - 1) for o in outcomes if len(o.tokens) > 1]
+    tpot = [(o.done - o.first_token) / (len(o.tokens) - 1) for o in sample if len(o.tokens) > 1]
 
     def delta(name: str) -> float:
         return metrics_after.get(name, 0.0) - metrics_before.get(name, 0.0)
 
     steps = delta("callstream_llm_decode_batch_sequences_count")
-    run: dict[str, Any] = {
-        "mode": mode,
+    elapsed = result.ended - result.started
+    return {
+        "mode": result.mode,
         "concurrency": concurrency,
         "threads": threads,
-        "requests": len(outcomes),
-        "output_tokens": tokens,
-        "wall_s": round(wall, 3),
-        "output_tokens_per_second": round(tokens / wall, 2) if wall > 0 else None,
+        "requests": len(result.outcomes),
+        "window_s": round(span, 2),
+        "output_tokens_in_window": result.tokens_in_window,
+        "output_tokens_per_second": round(result.tokens_in_window / span, 2) if span > 0 else None,
         "ttft_p50_s": pct(ttft, 50),
         "ttft_p95_s": pct(ttft, 95),
         "queue_p50_s": pct(queue, 50),
         "queue_p95_s": pct(queue, 95),
         "ttft_minus_queue_p95_s": pct(service, 95),
-        "engine_ttft_p95_s": pct([o.engine_ttft_s for o in outcomes], 95),
+        "engine_ttft_p95_s": pct([o.engine_ttft_s for o in sample], 95),
         "tpot_p50_s": pct(tpot, 50),
         "tpot_p95_s": pct(tpot, 95),
+        # Engine counters over the whole run (window and the in-flight requests' ends).
         "mean_decode_batch": round(delta("callstream_llm_decode_batch_sequences_sum") / steps, 2) if steps else None,
         "prompt_tokens_computed": int(delta("callstream_llm_prompt_tokens_total")),
         "prompt_tokens_cached": int(delta("callstream_llm_prompt_cached_tokens_total")),
-        "load_before": load[0],
-        "load_after": load[1],
+        # Share of the run spent inside llama_decode (the rest: sampling, Python, gRPC, idle).
+        "engine_busy_fraction": round(delta("callstream_llm_step_seconds_sum") / elapsed, 3) if elapsed > 0 else None,
+        "load_before": round(load[0], 2),
+        "load_after": round(load[1], 2),
     }
-    return run
 
 
 def machine_load() -> dict[str, Any]:
@@ -312,19 +357,26 @@ def machine_load() -> dict[str, Any]:
 
 
 async def _warm_up(address: str, requests: Sequence[BenchRequest]) -> None:
-    warm = [BenchRequest(-1 - i, r.kind, r.prompt, 8) for i, r in enumerate(requests)]
-    await run_mode(address, "continuous", warm, 2, "warm")
+    """Every slot serves one short request first, so that every mode starts with warm prefix caches (an empty
+    slot computes the whole shared system prompt once; without this the first mode measured would pay for it)."""
+    import grpc
+    from smg_grpc_proto import trtllm_service_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.TrtllmServiceStub(channel)
+        await asyncio.gather(*(one_request(stub, i, r, 4, "warm") for i, r in enumerate(requests)))
 
 
 def run_benchmark(
     concurrencies: Sequence[int],
     threads_list: Sequence[int],
-    requests_per_run: int | None,
+    duration_s: float | None,
+    warmup_s: float | None,
     seed: int,
     prompt_range: tuple[int, int],
     output_range: tuple[int, int],
     prefix_cache: bool,
-    padded_static: bool,
+    modes: Sequence[str],
     model: Path | None,
     n_batch: int,
     console: Any,
@@ -335,8 +387,9 @@ def run_benchmark(
     model_path = Path(model or default_gguf_path())
     tokenizer = load_tokenizer(model_path)
     max_c = max(concurrencies)
-    per_run = {c: requests_per_run or max(16, 2 * c) for c in concurrencies}
-    workload = make_workload(tokenizer, max(per_run.values()), seed, prompt_range, output_range)
+    durations = {c: duration_s or float(max(45, 6 * c)) for c in concurrencies}
+    warmups = {c: warmup_s if warmup_s is not None else min(10.0, durations[c] / 5) for c in concurrencies}
+    workload = make_workload(tokenizer, WORKLOAD_SIZE, seed, prompt_range, output_range)
     ctx_per_seq = max(len(r.prompt) for r in workload) + max(output_range) + 64
     ctx_per_seq = 256 * ((ctx_per_seq + 255) // 256)
     extra = {
@@ -344,7 +397,6 @@ def run_benchmark(
         "CALLSTREAM_LLM_ENGINE_PREFIX_CACHE": "true" if prefix_cache else "false",
         "CALLSTREAM_LLM_ENGINE_N_BATCH": str(n_batch),
     }
-    modes = [*MODES, "static_padded"] if padded_static else list(MODES)
     meta: dict[str, Any] = {
         "model": model_path.name,
         "seed": seed,
@@ -354,7 +406,8 @@ def run_benchmark(
             "mean": round(float(np.mean([len(r.prompt) for r in workload])), 1),
         },
         "output_tokens_range": list(output_range),
-        "requests_per_run": per_run,
+        "duration_s": durations,
+        "warmup_s": warmups,
         "engine": {"max_sequences": max_c, "ctx_per_sequence": ctx_per_seq, "n_batch": n_batch},
         "prefix_cache": prefix_cache,
         "sampling": "greedy (top_k=1), ignore_eos, streaming",
@@ -376,22 +429,27 @@ def run_benchmark(
             engine_process("continuous", max_c, ctx_per_seq, threads, extra, log_dir) as cont,
             engine_process("sequential", 1, ctx_per_seq, threads, extra, log_dir) as seq,
         ):
-            asyncio.run(_warm_up(cont.address, workload[:2]))
+            asyncio.run(_warm_up(cont.address, (workload * max_c)[:max_c]))
             asyncio.run(_warm_up(seq.address, workload[:1]))
             for c in concurrencies:
-                requests = workload[: per_run[c]]
-                reference: list[Outcome] | None = None
-                for mode in ("sequential", *[m for m in modes if m != "sequential"]):
+                reference: dict[int, list[int]] = {}
+                order = sorted((m for m in MODES if m in modes), key=lambda m: m != "sequential")
+                for mode in order:
                     engine = seq if mode == "sequential" else cont
-                    console.print(f"threads={threads} c={c:>2} {mode:<13} {len(requests)} requests ...", end="\r")
+                    console.print(f"threads={threads} c={c:>2} {mode:<13} {durations[c]:.0f} s ...", end="\r")
                     before, load_before = scrape(engine.metrics_url), os.getloadavg()[0]
-                    outcomes, wall = asyncio.run(run_mode(engine.address, mode, requests, c, f"{mode}-{c}-{threads}"))
+                    result = asyncio.run(
+                        run_mode(engine.address, mode, workload, c, durations[c], warmups[c], f"{mode}-{c}-{threads}")
+                    )
                     after, load_after = scrape(engine.metrics_url), os.getloadavg()[0]
-                    run = summarize_run(mode, c, threads, outcomes, wall, before, after, (load_before, load_after))
-                    if reference is None:
-                        reference = outcomes
-                    else:
-                        checks = [agreement(a.tokens, b.tokens) for a, b in zip(reference, outcomes, strict=True)]
+                    run = summarize_run(result, c, threads, before, after, (load_before, load_after))
+                    if mode == "sequential":
+                        reference = {o.index: o.tokens for o in result.outcomes}
+                    elif reference:
+                        checks = [
+                            agreement(reference[o.index], o.tokens) for o in result.outcomes if o.index in reference
+                        ]
+                        run["compared_to_sequential"] = len(checks)
                         run["identical_to_sequential"] = sum(1 for same, _ in checks if same)
                         run["within_tolerance"] = sum(1 for _, ok in checks if ok)
                     runs.append(run)
@@ -440,19 +498,33 @@ def bench_llm_engine(
     threads: Annotated[
         str, typer.Option(help="The engine's n_threads; a comma-separated list runs everything for each.")
     ] = "2",
-    requests: Annotated[int | None, typer.Option(help="Requests per run (default: max(16, 2 x concurrency)).")] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds of load per run (default: max(45, 6 x concurrency)).")
+    ] = None,
+    warmup: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds at the start of continuous/sequential runs not counted (default: duration/5, <= 10)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Workload seed (prompts and output lengths).")] = 1234,
     output_min: Annotated[int, typer.Option(help="Shortest output (tokens).")] = 32,
     output_max: Annotated[int, typer.Option(help="Longest output (tokens).")] = 256,
     prompt_min: Annotated[int, typer.Option(help="Shortest prompt (tokens; the system prompt sets a floor).")] = 200,
     prompt_max: Annotated[int, typer.Option(help="Longest prompt (tokens).")] = 400,
     prefix_cache: Annotated[bool, typer.Option(help="The engine's prefix cache (reuse of the system prompt).")] = True,
-    padded_static: Annotated[
-        bool, typer.Option(help="Also run fixed-shape static batches (every request runs to its group's longest).")
-    ] = False,
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: continuous, static, sequential (the reference for the output check), "
+            "static_padded (fixed-shape batches: every request runs to its group's longest)."
+        ),
+    ] = ",".join(MODES),
     n_batch: Annotated[int, typer.Option(help="The engine's n_batch (largest prefill chunk).")] = 512,
     model: Annotated[Path | None, typer.Option(help="A GGUF file (default: SmolLM2-135M-Instruct Q4_1).")] = None,
-    quick: Annotated[bool, typer.Option(help="A small smoke run: concurrency 1,4, 8 requests, 16-48 tokens.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="A small smoke run: concurrency 1,4, 15 s per run, 16-48 tokens.")
+    ] = False,
     out: Annotated[Path | None, typer.Option(help="JSON file (default bench/results/llm_engine.json).")] = None,
 ) -> None:
     """Output tokens/s and time to first token of the CPU engine at 1, 4, 8, 16 concurrent gRPC streams: continuous
@@ -462,20 +534,25 @@ def bench_llm_engine(
 
     console = Console()
     concurrencies = _ints(concurrency)
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if not mode_list or set(mode_list) - set(MODES):
+        raise typer.BadParameter(f"--modes takes {', '.join(MODES)}")
     threads_list = _ints(threads)
     if quick:
         concurrencies = [c for c in concurrencies if c <= 4] or [1]
-        requests = requests or 8
+        duration = duration or 15.0
+        warmup = 3.0 if warmup is None else warmup
         output_min, output_max = 16, 48
     runs, meta = run_benchmark(
         concurrencies,
         threads_list,
-        requests,
+        duration,
+        warmup,
         seed,
         (prompt_min, prompt_max),
         (output_min, output_max),
         prefix_cache,
-        padded_static,
+        mode_list,
         model,
         n_batch,
         console,
@@ -500,6 +577,7 @@ def bench_llm_engine(
         "ttft_minus_queue_p95_s",
         "tpot_p50_s",
         "mean_decode_batch",
+        "compared_to_sequential",
         "identical_to_sequential",
     ]
     report.print_table("LLM engine: continuous batching vs sequential vs static", runs, columns, console)
