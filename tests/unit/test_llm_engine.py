@@ -341,3 +341,26 @@ def test_prefix_cache_reuses_a_shared_prompt_prefix_without_changing_outputs() -
     assert [c for _, c in uncached] == [0, 0, 0]
     assert [t for t, _ in cached] == [t for t, _ in uncached]  # identical greedy tokens
     assert cached[1][0] == cached[2][0]
+
+
+def test_running_sequences_are_packed_on_the_lowest_slots_without_changing_outputs() -> None:
+    ps = prompts()
+    greedy = SamplingParams(ignore_eos=True)
+
+    async def scenario(engine: ContinuousBatchingEngine) -> tuple[list[list[int]], list[list[int]], float]:
+        alone = [(await collect(engine, f"alone{i}", ps[i], n, sampling=greedy))[0] for i, n in ((0, 40), (2, 40))]
+        moves = REGISTRY.get_sample_value("callstream_llm_sequence_moves_total") or 0.0
+        # a, b, c take slots 0, 1, 2; b ends first, and c (slot 2) moves into slot 1 to close the hole.
+        a = asyncio.create_task(collect(engine, "a", ps[0], 40, sampling=greedy))
+        await asyncio.sleep(0.05)
+        b = asyncio.create_task(collect(engine, "b", ps[1], 3, sampling=greedy))
+        await asyncio.sleep(0.05)
+        c = asyncio.create_task(collect(engine, "c", ps[2], 40, sampling=greedy))
+        together = [(await a)[0], (await c)[0]]
+        await b
+        moved = (REGISTRY.get_sample_value("callstream_llm_sequence_moves_total") or 0.0) - moves
+        return alone, together, moved
+
+    alone, together, moved = run_engine(scenario, max_sequences=4)
+    assert moved >= 1
+    assert together == alone  # the moved sequence (and its neighbour) go on with the same tokens

@@ -617,3 +617,44 @@ def bench_llm_engine(
         logx=True,
     )
     console.print(f"JSON: {path}\nPNG: {png}, {png_ttft}")
+
+
+def markdown_table(data: dict[str, Any]) -> str:
+    """The results of one run (the JSON this benchmark writes) as markdown, for docs/benchmarks.md."""
+    meta = data.get("meta", {})
+    runs = data.get("runs", [])
+
+    def f(value: Any, digits: int = 2) -> str:
+        return "" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+    lines = [
+        f"`{meta.get('command', 'callstream bench llm-engine')}` — {data.get('machine', {}).get('time', '')}, "
+        f"model {meta.get('model', '')}, prompts {meta.get('prompt_tokens', {})} tokens, outputs "
+        f"{meta.get('output_tokens_range', '')} tokens, load average at start "
+        f"{[round(x, 2) for x in meta.get('load_at_start', {}).get('loadavg', [])]}",
+        "",
+        "| threads | streams | mode | output tok/s | TTFT p50 (s) | TTFT p95 (s) | queue p95 (s) "
+        "| TTFT − queue p95 (s) | TPOT p50 (s) | mean decode batch | identical to sequential | load (start → end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        same = f"{r['identical_to_sequential']}/{r['compared_to_sequential']}" if "compared_to_sequential" in r else ""
+        lines.append(
+            f"| {r['threads']} | {r['concurrency']} | {r['mode']} | {f(r['output_tokens_per_second'], 1)} "
+            f"| {f(r['ttft_p50_s'])} | {f(r['ttft_p95_s'])} | {f(r['queue_p95_s'])} | {f(r['ttft_minus_queue_p95_s'])} "
+            f"| {f(r['tpot_p50_s'], 3)} | {f(r['mean_decode_batch'], 1)} | {same} "
+            f"| {f(r['load_before'])} → {f(r['load_after'])} |"
+        )
+    ratio_rows = meta.get("ratios", [])
+    if ratio_rows:
+        lines += [
+            "",
+            "| threads | streams | continuous / sequential | continuous / static | continuous / static_padded |",
+            "|---|---|---|---|---|",
+        ]
+        for r in ratio_rows:
+            lines.append(
+                f"| {r['threads']} | {r['concurrency']} | {f(r.get('continuous_over_sequential'))} "
+                f"| {f(r.get('continuous_over_static'))} | {f(r.get('continuous_over_static_padded'))} |"
+            )
+    return "\n".join(lines)

@@ -11,6 +11,11 @@ One background thread owns the llama.cpp context and loops:
 4. finished sequences (stop token, max_tokens, abort) free their slot at once, so a waiting request joins on the
    next step: requests join and leave between decode steps, as in vLLM and TensorRT-LLM's in-flight batching.
 
+Packing: with one KV stream per slot, llama.cpp splits a batch into micro-batches of consecutive sequence ids, one
+pass over the weights each; running sequences are therefore kept on the lowest slot ids (a request takes the lowest
+free slot among equally good ones, and when one in the middle finishes the highest moves into its place by a KV
+stream copy, see _compact), and the decode batch lists them in id order: one pass per step.
+
 Prefix cache (prefix_cache=True, the default with kv_unified=False): a freed slot keeps the KV cells of the tokens
 it holds (its last prompt and output), as llama.cpp's own server does. A new request takes the free slot whose
 kept tokens share the longest prefix with its prompt, drops the cells after that prefix (llama_memory_seq_rm) and
@@ -645,6 +650,7 @@ class ContinuousBatchingEngine:
                 for req in admitted:
                     self._setup(req)
                 if self._active:
+                    self._compact()
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - reported to every caller, then the thread ends
             log.exception("llm engine thread failed")
@@ -680,14 +686,49 @@ class ContinuousBatchingEngine:
         return admitted
 
     def _pick_slot_locked(self, prompt: list[int]) -> int:
-        """The free slot whose kept tokens share the longest prefix with the prompt (else the last freed)."""
-        best, best_len = len(self._free_seqs) - 1, -1
-        if self._prefix_cache:
-            for i, seq in enumerate(self._free_seqs):
-                n = common_prefix(self._slot_tokens.get(seq, ()), prompt)
-                if n > best_len:
-                    best, best_len = i, n
+        """The free slot whose kept tokens share the longest prefix with the prompt; on a tie the lowest id (the
+        running sequences stay packed at the low ids, see _compact)."""
+        best, key = 0, (-1, 0)
+        for i, seq in enumerate(self._free_seqs):
+            n = common_prefix(self._slot_tokens.get(seq, ()), prompt) if self._prefix_cache else 0
+            if (n, -seq) > key:
+                best, key = i, (n, -seq)
         return self._free_seqs.pop(best)
+
+    def _compact(self) -> None:
+        """Keep the running sequences on the lowest slot ids, with no holes (engine thread).
+
+        With one KV stream per slot (kv_unified=False) llama.cpp cuts a batch into micro-batches of consecutive
+        sequence ids (llama_batch_allocr::split_equal, "sequential"), and each micro-batch is a full pass over the
+        weights: sequences 0-7 decode in one pass, sequences 0,2,4,...,14 in eight (measured: 79 vs 114 ms per
+        step on 1 thread). So the highest running sequence moves into the lowest free slot: llama_memory_seq_cp
+        copies its whole KV stream (a memcpy before the next step; the values are the same, so outputs are too),
+        and the old slot keeps those cells as its prefix cache.
+        """
+        if self.settings.kv_unified:
+            return
+        while self._active:
+            with self._cv:
+                low = min(self._free_seqs, default=None)
+            high = max(self._active)
+            if low is None or low > high:
+                return
+            req = self._active.pop(high)
+            lc.llama_memory_seq_cp(self._mem, high, low, -1, -1)
+            kept = req.prompt[: req.n_prefilled]
+            if req.n_prefilled == len(req.prompt):
+                kept = kept + req.output[: req.n_fed]
+            self._slot_tokens.pop(low, None)
+            if self._prefix_cache and kept:
+                self._slot_tokens[high] = kept
+            else:
+                lc.llama_memory_seq_rm(self._mem, high, -1, -1)
+            with self._cv:
+                self._free_seqs.remove(low)
+                self._free_seqs.append(high)
+            req.seq = low
+            self._active[low] = req
+            metrics.SEQUENCE_MOVES.inc()
 
     def _setup(self, req: _Request) -> None:
         req.admitted = time.time()
@@ -759,7 +800,7 @@ class ContinuousBatchingEngine:
         """The last sampled token of every sequence past its prompt, each with its own logit row."""
         plans: list[_Planned] = []
         n = 0
-        for req in self._active.values():
+        for _, req in sorted(self._active.items()):  # ascending ids: one micro-batch (see _compact)
             if req.n_prefilled < len(req.prompt) or not req.output:
                 continue
             self._put(self._batch, n, req.output[-1], len(req.prompt) + len(req.output) - 1, req.seq, True)

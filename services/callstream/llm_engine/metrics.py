@@ -48,3 +48,7 @@ DECODE_BATCH_SEQUENCES = Histogram(
     "Sequences in one decode step (batch occupancy as the model sees it)",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256),
 )
+SEQUENCE_MOVES = Counter(
+    "callstream_llm_sequence_moves_total",
+    "Running sequences moved to a lower slot (KV stream copy) to keep the batch in one llama.cpp micro-batch",
+)
