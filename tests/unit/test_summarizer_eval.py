@@ -50,7 +50,7 @@ def test_mentions_and_fact_coverage() -> None:
 
 def test_invented_entities() -> None:
     source = "Customer: My card ending 4421 was charged 89.99 on Friday. Agent: Maria here, I blocked it."
-    summary = "The customer, helped by Maria, was charged 99.00 on Monday in March.\nJohn blocked card 4421."
+    summary = "The customer, helped by Maria, was charged 99.00 on Monday in March.\nJohn may march to card 4421."
     invented = invented_entities(summary, source)
     assert invented == {"numbers": ["99.00"], "dates": ["March", "Monday"], "names": []}
     # Mid-sentence capitalized words not in the source are names; sentence starts and prompt words are not.

@@ -187,7 +187,7 @@ def invented_entities(summary: str, source: str, prompt: str = "") -> dict[str, 
             lower = word.lower()
             if lower in src_words:
                 continue
-            if lower in MONTHS or lower in WEEKDAYS:
+            if (lower in MONTHS or lower in WEEKDAYS) and word[0].isupper():  # "may", "march": verbs
                 dates.add(word)
                 continue
             before = line[: match.start()]
