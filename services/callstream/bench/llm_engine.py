@@ -53,6 +53,7 @@ from callstream.bench import bench_app, report
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 MODES = ("continuous", "static", "sequential", "static_padded")
 WORKLOAD_SIZE = 512  # requests generated; a run cycles through them from the first
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 # Tolerance for "the same request alone vs inside a batch" (greedy): identical first 16 tokens and at least 90% of
 # all tokens identical (as tests/unit/test_llm_engine.py). The engine is built to be batch-invariant, so the
 # expected result is stricter: identical token for token; the JSON reports both counts.
@@ -107,7 +108,13 @@ def make_workload(
     prompt_range: tuple[int, int] = (200, 400),
     output_range: tuple[int, int] = (32, 256),
 ) -> list[BenchRequest]:
-    """n summarizer prompts of target lengths in prompt_range (the fixed part sets the floor) and output lengths."""
+    """n summarizer prompts of target lengths in prompt_range (the fixed part sets the floor) and output lengths.
+
+    Like real traffic, prompts share the summarizer's system prompt and differ right after it: each text starts
+    with its own reference line (otherwise the few sample texts would repeat at the start of many prompts, and the
+    prefix cache would reuse more than it can on real tickets; static groups, which pick among many free slots,
+    profited most from that).
+    """
     from callstream.summarizer.summarize import Kind, system_prompt, user_message
 
     rng = random.Random(seed)
@@ -117,7 +124,8 @@ def make_workload(
         kind, _ = rng.choice(texts)
         same_kind = [t for k, t in texts if k == kind]
         rng.shuffle(same_kind)
-        body = "\n\n".join(same_kind)  # long enough to cut any target length from
+        reference = f"{'Call' if kind == 'call' else 'Ticket'} {rng.randint(100000, 999999)}, {rng.choice(DAYS)}"
+        body = reference + "\n" + "\n\n".join(same_kind)  # long enough to cut any target length from
         k: Kind = "call" if kind == "call" else "ticket"
         messages = [{"role": "system", "content": system_prompt(k)}, {"role": "user", "content": ""}]
         messages[1]["content"] = user_message("", k)
