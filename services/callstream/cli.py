@@ -144,6 +144,26 @@ def transcribe(
     transcribe_command(file, json_output)
 
 
+@app.command("transcribe-stream")
+def transcribe_stream(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="An audio file; stereo: agent, customer.")],
+    address: Annotated[str, typer.Option(help="HOST:PORT of a running transcriber.")] = "127.0.0.1:50051",
+    chunk_ms: Annotated[float, typer.Option(min=10, help="Milliseconds of audio per request.")] = 200,
+    realtime: Annotated[
+        bool, typer.Option("--realtime/--fast", help="Send at the pace of speech, or as fast as possible.")
+    ] = True,
+    encoding: Annotated[str, typer.Option(help="linear16 (16 kHz), mulaw or alaw (8 kHz telephony).")] = "linear16",
+    interim: Annotated[bool, typer.Option("--interim/--no-interim", help="Ask for interim results.")] = True,
+    roles: Annotated[str | None, typer.Option(help="Channel roles, e.g. 'agent,customer'.")] = None,
+    call_id: Annotated[str | None, typer.Option(help="Call id (default: the file name).")] = None,
+) -> None:
+    """Stream FILE to a running transcriber (StreamingTranscribe) like a live call: interim and final results."""
+    setup_logging("WARNING")
+    from callstream.transcriber.stream_client import transcribe_stream_command
+
+    transcribe_stream_command(file, address, chunk_ms, realtime, encoding, interim, roles, call_id)
+
+
 @app.command()
 def classify(
     text: Annotated[str, typer.Argument(help="The ticket or transcript text.")],
@@ -231,11 +251,13 @@ def topics_list() -> None:
         (t.tickets_created, "TicketCreated"),
         (t.tickets_routed, "RoutedTicket"),
         (t.tickets_summarized, "Summary"),
+        (t.calls_audio_chunks, "AudioChunk"),
+        (t.calls_transcribed_partial, "PartialTranscript"),
     ]
     for name, kind in rows:
-        typer.echo(f"{name:<22} callstream.v1.{kind}")
-    for name, _ in rows[:4]:
-        typer.echo(f"{t.dlq(name):<22} callstream.v1.DeadLetter")
+        typer.echo(f"{name:<26} callstream.v1.{kind}")
+    for name in (t.calls_recorded, t.calls_transcribed, t.tickets_created, t.tickets_routed, t.calls_audio_chunks):
+        typer.echo(f"{t.dlq(name):<26} callstream.v1.DeadLetter")
 
 
 def _register_subapps() -> None:
@@ -252,6 +274,7 @@ def _register_subapps() -> None:
     from callstream.bench import bench_app
 
     app.add_typer(bench_app, name="bench")
+    app.add_typer(__import__("callstream.transcriber.cli", fromlist=["x"]).transcriber_app, name="transcriber")
     app.add_typer(__import__("callstream.evaluation.cli", fromlist=["eval_app"]).eval_app, name="eval")
 
 

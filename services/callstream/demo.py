@@ -27,7 +27,7 @@ from rich.table import Table
 
 from callstream.core import codec
 from callstream.core.kafka import connection_kwargs, make_producer, now_timestamp
-from callstream.core.settings import KafkaSettings, TopicSettings
+from callstream.core.settings import KafkaSettings, TopicSettings, callstream_home
 from callstream.core.stack import LocalStack
 from callstream.v1 import events_pb2
 
@@ -35,10 +35,6 @@ SAMPLES = Path(__file__).parent / "samples"
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
 # Model loading takes a while on two cores; the first run also builds caches.
 READY_TIMEOUT_S = 300.0
-
-
-def callstream_home() -> Path:
-    return Path(os.environ.get("CALLSTREAM_HOME", Path.home() / ".cache" / "callstream"))
 
 
 def prepare_defaults() -> tuple[Path, list[Path]]:

@@ -183,7 +183,7 @@ def starter_classifier() -> str:
 def banking77_classifier() -> str:
     """A few-shot SetFit classifier trained from banking77 train, cached between runs by the data's hash."""
     from callstream.router.classifier import load_classifier, train_classifier
-    from callstream.router.settings import callstream_home
+    from callstream.core.settings import callstream_home
     from tests.conftest import shared
 
     train_csv = shared("banking77", "train.csv")

@@ -100,3 +100,44 @@ def test_a_call_and_a_ticket_reach_summaries(stack: Broker, tmp_path_factory: py
         assert summary.model_id and summary.engine
         assert summary.completion_tokens > 0
         assert summary.queue
+
+
+def test_a_card_and_a_phone_number_read_out_in_a_call_reach_no_topic(
+    stack: Broker, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The customer of samples/calls/card_payment.yaml reads out a card number and a phone number: the
+    transcript (default policy: mask), the routed ticket and the summary must show neither, in any form."""
+    from tests.integration.card_call import leaks, render
+
+    wav = render(tmp_path_factory.mktemp("card-call"))
+    call = events_pb2.CallRecorded(
+        call_id="it-pii-call", tenant="t1", audio_uri=str(wav), channel_roles={0: "agent", 1: "customer"}
+    )
+    stack.produce(TOPICS.calls_recorded, [(b"it-pii-call", codec.encode(call), codec.headers_for(call))])
+    topics = [TOPICS.calls_transcribed, TOPICS.tickets_routed, TOPICS.tickets_summarized]
+    records = stack.consume(
+        topics,
+        lambda rs: any(r.key == b"it-pii-call" and r.topic == TOPICS.tickets_summarized for r in rs),
+        600,
+    )
+    mine = [r for r in records if r.key == b"it-pii-call"]
+    transcripts = decode_all([r for r in mine if r.topic == TOPICS.calls_transcribed], events_pb2.Transcript)
+    routed = decode_all([r for r in mine if r.topic == TOPICS.tickets_routed], events_pb2.RoutedTicket)
+    summaries = decode_all([r for r in mine if r.topic == TOPICS.tickets_summarized], events_pb2.Summary)
+    assert transcripts and routed and summaries, [r.topic for r in mine]
+    transcript = transcripts[0]
+    # the numbers were recognized and redacted, not lost
+    assert transcript.pii_policy == "mask"
+    assert transcript.redactions["card_number"] == 1 and transcript.redactions["phone"] == 1, transcript.text
+    texts = [transcript.text]
+    for segment in transcript.segments:
+        texts.append(segment.text)
+        texts.extend(w.text for w in segment.words)
+    texts.extend(r.text for r in routed)
+    for s in summaries:
+        texts.extend([s.summary, s.issue, s.resolution, *s.action_items])
+    leaked = [t for t in texts if leaks(t)]
+    assert not leaked, leaked
+    # every record on the way, whole, as a consumer would see it
+    for record in mine:
+        assert not leaks(record.value.decode("utf-8", "replace")), record.topic

@@ -103,3 +103,111 @@ def test_synthesize_samples_renders_once(tmp_path: Path) -> None:
     (scripts / "short.yaml").write_text(SHORT.replace("lost", "stolen"))
     synthesize_samples(tmp_path / "out", scripts_dir=scripts)
     assert load_references(wav)[1] == "My card is stolen."
+
+
+def fake_speech(monkeypatch: pytest.MonkeyPatch, lengths: dict[str, float]) -> None:
+    """Replace espeak-ng with clips of known speech length: 0.05 s of silence, speech, 0.2 s of silence."""
+
+    def speak(espeak: str, text: str, voice: str, speed_wpm: int, sample_rate: int, tmp: Path) -> np.ndarray:
+        lead, tail = int(0.05 * sample_rate), int(0.2 * sample_rate)
+        speech = np.full(int(lengths[text] * sample_rate), 0.5, dtype=np.float32)
+        return np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(tail, np.float32)])
+
+    monkeypatch.setattr(synth, "espeak_binary", lambda: "espeak-ng")
+    monkeypatch.setattr(synth, "_speak", speak)
+
+
+INTERRUPTED = """
+lead_in_s: 0.5
+pause_s: 0.4
+turns:
+  - agent: one
+  - customer: two
+  - agent: three
+  - customer: four
+    overlap_s: 0.8
+  - agent: five
+"""
+
+
+def test_turns_follow_each_other_or_interrupt_with_overlap_s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_speech(monkeypatch, {"one": 1.0, "two": 2.0, "three": 3.0, "four": 1.5, "five": 0.5})
+    script = tmp_path / "call.yaml"
+    script.write_text(INTERRUPTED)
+    assert [t.overlap_s for t in load_script(script).turns] == [0, 0, 0, 0.8, 0]
+    out = tmp_path / "call.wav"
+    synthesize_call(script, out)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    turns = meta["turns"]
+    clip = {"one": 1.25, "two": 2.25, "three": 3.25, "four": 1.75, "five": 0.75}  # with 0.05 s lead, 0.2 s tail
+    # without overlap_s, as before: each clip starts a pause after the previous one ends
+    assert [t["start"] for t in turns[:3]] == pytest.approx([0.5, 0.5 + 1.25 + 0.4, 0.5 + 1.25 + 0.4 + 2.25 + 0.4])
+    for turn in turns:
+        assert turn["end"] - turn["start"] == pytest.approx(clip[turn["text"]], abs=0.001)
+        assert turn["speech_start"] == pytest.approx(turn["start"] + 0.05, abs=0.001)
+        assert turn["speech_end"] == pytest.approx(turn["end"] - 0.2, abs=0.001)
+    # the customer's speech starts 0.8 s before the agent's ends
+    agent, customer = turns[2], turns[3]
+    assert customer["overlap_s"] == 0.8 and "overlap_s" not in agent
+    assert agent["speech_end"] - customer["speech_start"] == pytest.approx(0.8, abs=0.001)
+    # the next turn waits for both, then the pause; the call ends lead_in_s after the last clip
+    assert turns[4]["start"] == pytest.approx(max(agent["end"], customer["end"]) + 0.4, abs=0.001)
+    assert meta["seconds"] == pytest.approx(turns[4]["end"] + 0.5, abs=0.001)
+    with wave.open(str(out), "rb") as wav:
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2)
+    both = pcm[int((customer["speech_start"] + 0.01) * 16000) : int((agent["speech_end"] - 0.01) * 16000)]
+    assert both.size and (np.abs(both) > 1000).all(), "both channels carry speech during the overlap"
+
+
+def test_scripts_without_overlap_render_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The placement of render version 2 (no overlap_s anywhere) is unchanged: same audio, same start/end."""
+    fake_speech(monkeypatch, {"Hello, how can I help?": 1.1, "My card is lost.": 0.9, "I will block it.": 0.7})
+    script = tmp_path / "short.yaml"
+    script.write_text(SHORT)
+    synthesize_call(script, tmp_path / "short.wav")
+    turns = json.loads((tmp_path / "short.json").read_text())["turns"]
+    cursor, expected = int(0.3 * 16000), []
+    for length in (1.1, 0.9, 0.7):
+        size = int(0.05 * 16000) + int(length * 16000) + int(0.2 * 16000)
+        expected.append((round(cursor / 16000, 3), round((cursor + size) / 16000, 3)))
+        cursor += size + int(0.3 * 16000)
+    assert [(t["start"], t["end"]) for t in turns] == expected
+    with wave.open(str(tmp_path / "short.wav"), "rb") as wav:
+        # the last pause is not there, lead_in_s (0.3 s) of silence closes the call instead
+        assert wav.getnframes() == cursor - int(0.3 * 16000) + int(0.3 * 16000)
+
+
+@pytest.mark.parametrize(
+    ("turns", "error"),
+    [
+        ("  - customer: hi\n    overlap_s: 0.5\n", "no previous turn on another channel"),
+        ("  - agent: hi\n  - agent: again\n    overlap_s: 0.5\n", "no previous turn on another channel"),
+        ("  - agent: hi\n  - customer: yes\n    overlap_s: -1\n", "overlap_s must be a number of seconds >= 0"),
+        ("  - agent: hi\n  - customer: yes\n    overlap_s: soon\n", "overlap_s must be a number of seconds >= 0"),
+        ("  - agent: hi\n    customer: yes\n", "must be one 'speaker: text' pair"),
+        ("  - overlap_s: 0.5\n", "must be one 'speaker: text' pair"),
+    ],
+)
+def test_bad_overlaps_are_refused(tmp_path: Path, turns: str, error: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("turns:\n" + turns)
+    with pytest.raises(SynthesisError, match=error):
+        load_script(bad)
+
+
+def test_a_sample_call_has_an_interruption() -> None:
+    overlapping = [t for path in sample_scripts() for t in load_script(path).turns if t.overlap_s > 0]
+    assert overlapping, "no sample call exercises interruptions (overlap_s)"
+
+
+@needs_espeak
+def test_an_interruption_rendered_with_espeak(tmp_path: Path) -> None:
+    script = tmp_path / "short.yaml"
+    script.write_text(SHORT + "  - customer: Wait, please do not block it yet.\n    overlap_s: 0.6\n")
+    out = tmp_path / "short.wav"
+    synthesize_call(script, out)
+    turns = json.loads(out.with_suffix(".json").read_text())["turns"]
+    agent, customer = turns[2], turns[3]
+    assert agent["speech_end"] - customer["speech_start"] == pytest.approx(0.6, abs=0.002)
+    for turn in turns:
+        assert turn["start"] <= turn["speech_start"] < turn["speech_end"] <= turn["end"]

@@ -121,3 +121,57 @@ def test_bad_calls_fail_alone_with_their_error_types(engine: FasterWhisperEngine
     assert isinstance(silent, events_pb2.Transcript), silent
     assert (len(silent.segments), silent.text) == (0, "")
     assert silent.audio_seconds == pytest.approx(2.0, abs=0.01)
+
+
+def mono_wav(samples: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16000)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).round().astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def test_silence_and_white_noise_give_empty_transcripts(engine: FasterWhisperEngine) -> None:
+    """No invented text: 5 s of silence and 5 s of loud white noise, alone and packed with speech."""
+    rng = np.random.default_rng(7)
+    silence = events_pb2.CallRecorded(call_id="silence", audio_bytes=mono_wav(np.zeros(5 * 16000, np.float32)))
+    noise = events_pb2.CallRecorded(
+        call_id="noise", audio_bytes=mono_wav(rng.normal(0.0, 0.2, 5 * 16000).astype(np.float32))
+    )
+    jfk = events_pb2.CallRecorded(call_id="jfk", audio_bytes=shared_audio("jfk.flac").read_bytes())
+    for batch in ([silence], [noise], [silence, noise, jfk]):
+        results = engine.transcribe_batch(batch)
+        for call, result in zip(batch, results, strict=True):
+            assert isinstance(result, events_pb2.Transcript), result
+            if call.call_id != "jfk":
+                assert (len(result.segments), result.text) == (0, ""), (call.call_id, result.text)
+                assert result.audio_seconds == pytest.approx(5.0, abs=0.01)
+            else:
+                assert "country" in result.text
+
+
+def test_short_calls_packed_into_shared_windows_keep_their_own_words(engine: FasterWhisperEngine) -> None:
+    """Five real clips in one batch share one 30 s window; each call gets back its own words, on its own
+    timeline, as accurately as when it is transcribed alone."""
+    references = json.loads(shared_audio("references.json").read_text())
+    names = ["jfk.flac", "ljspeech-LJ002-0020.wav", "ljspeech-LJ002-0035.wav", "librispeech-2412-153948-0000.flac"]
+    calls = [events_pb2.CallRecorded(call_id=n, audio_bytes=shared_audio(n).read_bytes()) for n in names]
+    stereo = events_pb2.CallRecorded(call_id="stereo", audio_bytes=shared_audio("stereo_diarization.wav").read_bytes())
+    packed = engine.transcribe_batch([*calls, stereo])
+    alone = [engine.transcribe(call) for call in [*calls, stereo]]
+    for name, together, single in zip(names, packed, alone, strict=False):
+        assert isinstance(together, events_pb2.Transcript), together
+        reference = references[name]["reference"]
+        wer_together = word_error_rate(reference, " ".join(s.text for s in together.segments))
+        wer_alone = word_error_rate(reference, " ".join(s.text for s in single.segments))
+        assert wer_together <= wer_alone + 0.05, (name, together.text, single.text)
+        words = [w for s in together.segments for w in s.words]
+        assert words and all(0 <= w.start <= w.end <= together.audio_seconds + 0.01 for w in words), name
+        # Word times agree with the clip transcribed alone (same clip, another place in the window).
+        first_alone = single.segments[0].words[0].start
+        assert abs(words[0].start - first_alone) < 0.5, (name, words[0].start, first_alone)
+    by_channel = {int(ch): t for ch, t in references["stereo_diarization.wav"]["reference_by_channel"].items()}
+    assert isinstance(packed[-1], events_pb2.Transcript)
+    assert all(w <= 0.05 for w in channel_wer(packed[-1], by_channel).values()), packed[-1].text

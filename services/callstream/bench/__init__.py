@@ -13,3 +13,4 @@ bench_app = typer.Typer(
 
 from callstream.bench import llm_engine as _llm_engine  # noqa: E402, F401 - registers `callstream bench llm-engine`
 from callstream.bench import router as _router  # noqa: E402, F401 - registers `callstream bench router`
+from callstream.bench import transcriber as _transcriber  # noqa: E402, F401 - registers `callstream bench transcriber`

@@ -8,6 +8,12 @@ offset only after its result (or dead letter) is acknowledged by the broker. Thi
     -> produce every result or dead letter -> wait for the broker's acks -> commit the batch's offsets.
 
 A crash anywhere before the commit means the batch is consumed again: duplicates are possible, losses are not.
+
+A handler whose results span many records (a live call's audio chunks, transcriber/streaming_kafka.py) passes
+`hooks` (ProcessorHooks): it gets a `tick()` after every poll for time-driven results (a live call closed for being
+idle), it may hold a partition's commit back (to the first chunk of a call still open, so that a crash replays the
+whole call), and it hears of revoked partitions. With `sequential_keys`, records with the same key are handled one
+after another in offset order (records of different keys still concurrently).
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, TopicAlreadyExistsError
 from aiokafka.structs import OffsetAndMetadata
@@ -48,6 +54,42 @@ class OutRecord:
 
 
 Handler = Callable[[ConsumerRecord], Awaitable[list[OutRecord]]]
+
+
+class ProcessorHooks(Protocol):
+    """What a handler with state across records tells the processor (see the module docstring)."""
+
+    async def tick(self) -> list[OutRecord]:
+        """Results that are due without a new record; produced and acknowledged before the next commit."""
+        ...
+
+    def commit_offset(self, tp: TopicPartition, processed: int) -> int:
+        """How far `tp` may be committed when every record before `processed` has been handled (<= processed)."""
+        ...
+
+    def revoked(self, tps: Iterable[TopicPartition]) -> None:
+        """These partitions went to another consumer: drop their state (it replays them from the commit)."""
+        ...
+
+
+class _Revocations(ConsumerRebalanceListener):
+    def __init__(self, processor: KafkaProcessor) -> None:
+        self.processor = processor
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.processor._generation += 1
+        revoked = list(revoked)
+        for tp in revoked:
+            self.processor._processed.pop(tp, None)
+            self.processor._committed.pop(tp, None)
+        if self.processor.hooks is not None and revoked:
+            self.processor.hooks.revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.processor._generation += 1
+        for tp in assigned:
+            self.processor._processed.pop(tp, None)
+            self.processor._committed.pop(tp, None)
 
 
 def connection_kwargs(settings: KafkaSettings) -> dict[str, Any]:
@@ -137,6 +179,8 @@ class KafkaProcessor:
         group_id: str | None = None,
         transient_retry_s: float = 60.0,
         batch_lock: asyncio.Lock | None = None,
+        hooks: ProcessorHooks | None = None,
+        sequential_keys: bool = False,
     ) -> None:
         self.service = service
         # Held for each whole batch (handle, produce, commit): lets a model swap happen only between batches.
@@ -147,6 +191,12 @@ class KafkaProcessor:
         self.handler = handler
         self.group_id = group_id or f"{kafka.client_id_prefix}-{service}"
         self.transient_retry_s = transient_retry_s
+        self.hooks = hooks
+        self.sequential_keys = sequential_keys
+        # Per partition: the offset after the last handled record, and the offset last committed.
+        self._processed: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._generation = 0  # rebalances so far: a batch that straddles one commits nothing
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -161,7 +211,6 @@ class KafkaProcessor:
         client_id = f"{self.kafka.client_id_prefix}-{self.service}"
         self._producer = make_producer(self.kafka, client_id)
         self._consumer = AIOKafkaConsumer(
-            *self.input_topics,
             group_id=self.group_id,
             client_id=client_id,
             enable_auto_commit=False,
@@ -172,6 +221,7 @@ class KafkaProcessor:
             max_poll_records=self.kafka.max_poll_records,
             **connection_kwargs(self.kafka),
         )
+        self._consumer.subscribe(self.input_topics, listener=_Revocations(self))
         await self._producer.start()
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"kafka-{self.service}")
@@ -201,6 +251,9 @@ class KafkaProcessor:
             batches = await self._consumer.getmany(timeout_ms=200, max_records=self.kafka.max_poll_records)
             records = [r for rs in batches.values() for r in rs]
             if not records:
+                if self.hooks is not None:
+                    await self._produce(await self.hooks.tick())
+                    await self._commit()
                 continue
             if self.batch_lock is None:
                 await self._process_batch(records)
@@ -210,9 +263,42 @@ class KafkaProcessor:
 
     async def _process_batch(self, records: list[ConsumerRecord]) -> None:
         assert self._producer is not None and self._consumer is not None
-        outputs = await asyncio.gather(*(self._handle(r) for r in records))
+        generation = self._generation
+        outputs = await self._handle_all(records)
+        if self.hooks is not None:
+            outputs.append(await self.hooks.tick())
+        await self._produce(o for outs in outputs for o in outs)
+        if generation != self._generation:
+            # The group rebalanced while we worked: whoever owns these partitions now consumes them again (their
+            # results are out already: duplicates, never losses).
+            log.warning("%s: a rebalance happened during the batch; its offsets are not committed", self.service)
+            return
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            self._processed[tp] = max(self._processed.get(tp, -1), r.offset + 1)
+        await self._commit()
+        self.processed += len(records)
+
+    async def _handle_all(self, records: list[ConsumerRecord]) -> list[list[OutRecord]]:
+        if not self.sequential_keys:
+            return list(await asyncio.gather(*(self._handle(r) for r in records)))
+        # Records of one key in offset order (a live call's chunks), different keys concurrently.
+        by_key: dict[tuple[str, int, bytes | None], list[int]] = {}
+        for i, r in enumerate(records):
+            by_key.setdefault((r.topic, r.partition, r.key), []).append(i)
+        outputs: list[list[OutRecord]] = [[] for _ in records]
+
+        async def in_order(indexes: list[int]) -> None:
+            for i in indexes:
+                outputs[i] = await self._handle(records[i])
+
+        await asyncio.gather(*(in_order(ix) for ix in by_key.values()))
+        return outputs
+
+    async def _produce(self, outputs: Iterable[OutRecord]) -> None:
+        assert self._producer is not None
         acks = []
-        for out in (o for outs in outputs for o in outs):
+        for out in outputs:
             headers = codec.headers_for(out.message) + out.headers
             acks.append(
                 (
@@ -221,18 +307,29 @@ class KafkaProcessor:
                 )
             )
         for topic, ack in acks:
-            await ack  # raises if the broker did not take it: then nothing below is committed
+            await ack  # raises if the broker did not take it: then nothing is committed after it
             metrics.EVENTS_PRODUCED.labels(self.service, topic).inc()
+
+    async def _commit(self) -> None:
+        """Commit every partition whose commit point moved (held back where the hooks say so)."""
+        assert self._consumer is not None
+        assigned = self._consumer.assignment()
         offsets: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+        for tp, processed in self._processed.items():
+            if tp not in assigned:
+                continue
+            target = processed if self.hooks is None else min(processed, self.hooks.commit_offset(tp, processed))
+            if target > self._committed.get(tp, -1):
+                offsets[tp] = target
+        if not offsets:
+            return
         try:
             await self._consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
         except CommitFailedError as exc:
             # The group rebalanced while we worked: another member will consume these records again.
             log.warning("%s: commit failed after a rebalance, records will be redelivered: %s", self.service, exc)
-        self.processed += len(records)
+            return
+        self._committed.update(offsets)
 
     async def _handle(self, record: ConsumerRecord) -> list[OutRecord]:
         metrics.EVENTS_CONSUMED.labels(self.service, record.topic).inc()
@@ -274,6 +371,8 @@ def kafka_service_runtime(
     handler: Handler,
     transient_retry_s: float = 60.0,
     batch_lock: asyncio.Lock | None = None,
+    hooks: ProcessorHooks | None = None,
+    sequential_keys: bool = False,
 ) -> ServiceRuntime:
     """A service that answers gRPC and, when `settings.consume`, consumes `input_topics` with `handler`.
 
@@ -291,6 +390,8 @@ def kafka_service_runtime(
             handler=handler,
             transient_retry_s=transient_retry_s,
             batch_lock=batch_lock,
+            hooks=hooks,
+            sequential_keys=sequential_keys,
         )
         components.append(processor)
     return ServiceRuntime(

@@ -27,6 +27,26 @@ BATCH_SECONDS = Histogram("callstream_batch_seconds", "Model time per batch", ["
 BATCH_QUEUE_SECONDS = Histogram("callstream_batch_queue_seconds", "Time an item waited for its batch", ["batcher"])
 BATCH_QUEUE_DEPTH = Gauge("callstream_batch_queue_depth", "Items waiting for a batch", ["batcher"])
 
+# Live calls (transcriber/streaming.py); source is "grpc" or "kafka", kind "interim" or "final".
+STREAMING_SESSIONS = Gauge("callstream_streaming_sessions", "Live calls open", ["source"])
+STREAMING_RESULTS = Counter("callstream_streaming_results_total", "Live-call results sent", ["source", "kind"])
+STREAMING_RESULT_SECONDS = Histogram(
+    "callstream_streaming_result_latency_seconds",
+    "From the arrival of the last audio a live-call result covers to the result being sent",
+    ["source", "kind"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+)
+STREAMING_INTERIMS_SKIPPED = Counter(
+    "callstream_streaming_interims_skipped_total",
+    "Interim results not started because the channel's previous interim was still running",
+    ["source"],
+)
+STREAMING_CHUNKS_OUT_OF_ORDER = Counter(
+    "callstream_streaming_chunks_out_of_order_total",
+    "AudioChunks with a repeated (duplicate) or skipped (gap) sequence number",
+    ["kind"],
+)
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics over HTTP; port 0 disables it."""

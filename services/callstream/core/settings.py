@@ -18,6 +18,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from callstream.core.errors import ConfigError
 
 
+def callstream_home() -> Path:
+    """Base folder for models and caches: $CALLSTREAM_HOME, else ~/.cache/callstream."""
+    return Path(os.environ.get("CALLSTREAM_HOME") or "~/.cache/callstream").expanduser()
+
+
 class KafkaSettings(BaseModel):
     """How a service reaches Kafka. Shared by every service through the KAFKA_* variables."""
 
@@ -44,6 +49,9 @@ class TopicSettings(BaseModel):
     tickets_created: str = "tickets.created"
     tickets_routed: str = "tickets.routed"
     tickets_summarized: str = "tickets.summarized"
+    # Live calls (docs/streaming.md): audio chunks in, interim and final results out.
+    calls_audio_chunks: str = "calls.audio.chunks"
+    calls_transcribed_partial: str = "calls.transcribed.partial"
     dlq_suffix: str = ".dlq"
 
     def dlq(self, topic: str) -> str:
@@ -56,10 +64,18 @@ class TopicSettings(BaseModel):
             self.tickets_created,
             self.tickets_routed,
             self.tickets_summarized,
+            self.calls_audio_chunks,
+            self.calls_transcribed_partial,
         ]
         return base + [
             self.dlq(t)
-            for t in (self.calls_recorded, self.calls_transcribed, self.tickets_created, self.tickets_routed)
+            for t in (
+                self.calls_recorded,
+                self.calls_transcribed,
+                self.tickets_created,
+                self.tickets_routed,
+                self.calls_audio_chunks,
+            )
         ]
 
 

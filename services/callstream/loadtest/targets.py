@@ -136,7 +136,7 @@ def ticket_text(ticket: events_pb2.TicketCreated) -> str:
 
 def default_audio() -> list[Path]:
     """The sample calls that `callstream setup` renders (rendered now if missing)."""
-    from callstream.demo import callstream_home
+    from callstream.core.settings import callstream_home
     from callstream.transcriber.synth import synthesize_samples
 
     return synthesize_samples(callstream_home() / "sample-calls")

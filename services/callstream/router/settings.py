@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from callstream.core.settings import BatchSettings, ServiceSettings
+from callstream.core.settings import BatchSettings, ServiceSettings, callstream_home
 
 STARTER_MODEL_NAME = "starter-intents"
 _SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-
-
-def callstream_home() -> Path:
-    """Base folder for models and caches: $CALLSTREAM_HOME, else ~/.cache/callstream."""
-    return Path(os.environ.get("CALLSTREAM_HOME") or "~/.cache/callstream").expanduser()
 
 
 def default_model_dir() -> Path:

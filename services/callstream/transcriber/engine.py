@@ -1,27 +1,27 @@
 """Where the speech model runs: faster-whisper (CTranslate2) over a batch of recorded calls.
 
 A batch of calls is transcribed in three steps:
-1. per call: read and decode the audio (audio.py), one array per channel; Silero VAD finds the speech in each
-   channel and faster-whisper's `collect_chunks` packs it into chunks of at most 30 s;
-2. the chunks of ALL channels of ALL calls in the batch are pooled and run through the model
-   `chunk_batch_size` at a time (faster-whisper's BatchedInferencePipeline.forward, greedy or beam search,
-   word timestamps on), so that short calls and the many short VAD chunks of a stereo channel fill model batches;
-3. per call: word times are mapped back to the original timeline, and the words of both channels are merged
-   by WORD time into speaker turns (merge.py).
+1. per call: read and decode the audio (audio.py), one array per channel; Silero VAD finds the speech clips in
+   each channel (everything else is dropped);
+2. the clips of ALL channels of ALL calls in the batch are packed into shared windows of at most 30 s
+   (`pack_windows`, clips of different channels separated by `pack_gap_s` of silence) and the windows run through
+   the model `chunk_batch_size` at a time (faster-whisper's BatchedInferencePipeline.forward, greedy or beam
+   search, word timestamps on). Whisper's encoder always runs on 30 s of input, so a call with 5 s of speech alone
+   in a window costs as much as 30 s; packed, six such calls share one encoder pass. faster-whisper's
+   BatchedInferencePipeline packs the clips of ONE file this way; packing across calls is the step beyond;
+3. each word goes back to the clip that holds its midpoint, onto its own call's timeline; per call, the words of
+   both channels are merged by WORD time into speaker turns (merge.py).
 A call that fails (missing file, corrupt audio, over the limits) gets its exception in its place in the
-result; its batch-mates are unaffected. Transcript.processing_seconds is the engine time spent on the call: its
-own reading, VAD and assembly plus its share (by chunk count) of the pooled model batches, so that the calls of a
-batch add up to the batch's time.
+result; its batch-mates are unaffected (a failing model batch is retried window by window, then call by call).
+Transcript.processing_seconds is the engine time spent on the call: its own reading, VAD and assembly plus its
+share (by speech length) of the model batches, so that the calls of a batch add up to the batch's time.
 
-Measured on the 2-vCPU CPU nodes (tiny.en, int8, cpu_threads=1; other jobs sharing the cores): 120 s of stereo
-calls took 7.1 s with beam 5 (17x real time) and 6.1 s with beam 1 (20x); transcribing the same calls one by one
-took the same time and gave identical text. On CPU the 30 s encoder pass per chunk dominates and gains nothing
-from batching. Pooling is meant for GPUs, where a batch of chunks usually costs little more than one chunk
-(not measured: no GPU was available when this was written).
+`callstream bench transcriber` measures what packing buys (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -36,15 +36,13 @@ import numpy as np
 from callstream.core.errors import ConfigError
 from callstream.transcriber.audio import SAMPLE_RATE, ChannelAudio, call_label, load_call_audio
 from callstream.transcriber.merge import TimedWord, merge_words, transcript_text
+from callstream.transcriber.postprocess import finalize_transcript
 from callstream.transcriber.settings import TranscriberSettings, default_model_path
 from callstream.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
 _CHUNK_SECONDS = 30
-# The same rule as faster-whisper's sequential decoder: a chunk the model itself thinks is silence is dropped.
-_NO_SPEECH_THRESHOLD = 0.6
-_LOG_PROB_THRESHOLD = -1.0
 
 
 class AsrEngine(Protocol):
@@ -59,11 +57,14 @@ class AsrEngine(Protocol):
 class _Channel:
     audio: ChannelAudio
     clips: list[dict[str, int]]  # VAD speech spans, in samples of the original channel
-    chunks: list[np.ndarray]
-    metas: list[dict[str, Any]]
+    speech: list[np.ndarray]  # the samples of each clip (the rest of the channel is dropped)
     language: str = "en"
     language_probability: float = 1.0
-    outputs: list[list[dict[str, Any]] | None] = field(default_factory=list)
+    words: list[TimedWord] = field(default_factory=list)
+
+    @property
+    def speech_seconds(self) -> float:
+        return sum(c["end"] - c["start"] for c in self.clips) / SAMPLE_RATE
 
 
 @dataclass
@@ -76,10 +77,102 @@ class _Job:
 
 
 @dataclass
-class _ChunkRef:
+class _Piece:
+    """One VAD speech clip of one channel of one call, placed in a window at `offset` seconds."""
+
     job: _Job
     channel: _Channel
-    index: int
+    clip: int
+    offset: float = 0.0
+
+    @property
+    def samples(self) -> np.ndarray:
+        return self.channel.speech[self.clip]
+
+    @property
+    def start(self) -> float:
+        return self.channel.clips[self.clip]["start"] / SAMPLE_RATE
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.size / SAMPLE_RATE
+
+
+@dataclass
+class _Window:
+    """Up to 30 s of speech for one pass of the model: pieces of one channel, or of many calls when packing."""
+
+    pieces: list[_Piece] = field(default_factory=list)
+    samples: int = 0
+
+    def audio(self, gap_samples: int) -> np.ndarray:
+        parts: list[np.ndarray] = []
+        for i, piece in enumerate(self.pieces):
+            if i and gap_samples and piece.channel is not self.pieces[i - 1].channel:
+                parts.append(np.zeros(gap_samples, dtype=np.float32))
+            parts.append(_level(piece.samples) if len({id(p.channel) for p in self.pieces}) > 1 else piece.samples)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    @property
+    def jobs(self) -> list[_Job]:
+        return list({id(p.job): p.job for p in self.pieces}.values())
+
+
+_TARGET_RMS = 0.05  # about -26 dBFS
+# A clip of a packed window that got fewer words than this per second of speech was passed over by the decoder
+# (people say 2-3 words a second); clips shorter than _MIN_REPAIR_SECONDS are left alone (a cough, a "yes").
+_MIN_WORDS_PER_SECOND = 0.5
+_MIN_REPAIR_SECONDS = 1.0
+_GC_INTERVAL_S = 30.0
+
+
+def _level(samples: np.ndarray) -> np.ndarray:
+    """The clip at a common speech level (RMS), so that a quiet call is not drowned out by a loud neighbour."""
+    rms = float(np.sqrt(np.mean(samples**2))) if samples.size else 0.0
+    if rms < 1e-4:
+        return samples
+    return np.clip(samples * (_TARGET_RMS / rms), -1.0, 1.0).astype(np.float32)
+
+
+def pack_windows(
+    pieces: Sequence[_Piece], *, max_seconds: float, gap_seconds: float, across_channels: bool
+) -> list[_Window]:
+    """Fill windows of at most `max_seconds` with pieces in order, setting each piece's offset in its window.
+
+    across_channels=False starts a new window at every channel (faster-whisper's own chunking of one file);
+    True packs the clips of many channels and calls into shared windows, separated by `gap_seconds` of silence,
+    so that 16 calls of 5 s of speech cost 3 encoder passes instead of 16.
+    """
+    limit = int(max_seconds * SAMPLE_RATE)
+    gap = int(gap_seconds * SAMPLE_RATE)
+    windows: list[_Window] = []
+    current = _Window()
+    for piece in pieces:
+        size = piece.samples.size
+        last = current.pieces[-1] if current.pieces else None
+        separator = gap if last is not None and last.channel is not piece.channel else 0
+        new_channel = last is not None and last.channel is not piece.channel
+        if last is not None and (current.samples + separator + size > limit or (new_channel and not across_channels)):
+            windows.append(current)
+            current, separator = _Window(), 0
+        piece.offset = (current.samples + separator) / SAMPLE_RATE
+        current.pieces.append(piece)
+        current.samples += separator + size
+    if current.pieces:
+        windows.append(current)
+    return windows
+
+
+def _place_word(window: _Window, middle: float) -> _Piece:
+    """The piece a word belongs to: the one holding its midpoint, else the nearest (words can straddle a gap)."""
+    best, best_distance = window.pieces[0], float("inf")
+    for piece in window.pieces:
+        if piece.offset <= middle <= piece.offset + piece.seconds:
+            return piece
+        distance = min(abs(middle - piece.offset), abs(middle - piece.offset - piece.seconds))
+        if distance < best_distance:
+            best, best_distance = piece, distance
+    return best
 
 
 def model_display_name(model_path: Path) -> str:
@@ -132,6 +225,8 @@ class FasterWhisperEngine:
         self.multilingual = bool(self.model.model.is_multilingual)
         self.model_id = f"{settings.model_name or model_display_name(path)}:{settings.compute_type}"
         self._lock = threading.Lock()
+        self._last_gc = time.monotonic()
+        self.repaired_clips = 0  # clips decoded again on their own after a packed window passed over them
         self._tokenizers: dict[str, Any] = {}
         self._options: dict[str, Any] = {}
         log.info("transcriber: loaded %s from %s in %.1f s", self.model_id, path, time.perf_counter() - started)
@@ -148,6 +243,11 @@ class FasterWhisperEngine:
                 except Exception as exc:  # noqa: BLE001 - this call fails alone
                     job.error = exc
                 job.seconds += time.perf_counter() - started
+            # PyAV's resamplers sit in reference cycles: free them every _GC_INTERVAL_S (faster-whisper collects
+            # after every file, 37 ms each here).
+            if time.monotonic() - self._last_gc > _GC_INTERVAL_S:
+                gc.collect()
+                self._last_gc = time.monotonic()
             self._decode([j for j in jobs if j.error is None])
             results: list[events_pb2.Transcript | Exception] = []
             for job in jobs:
@@ -175,7 +275,7 @@ class FasterWhisperEngine:
     # -- step 1: audio, VAD, chunks, language -------------------------------------------------------------------
 
     def _prepare(self, job: _Job) -> None:
-        from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
 
         s = self.settings
         audio = load_call_audio(
@@ -196,10 +296,8 @@ class FasterWhisperEngine:
             else:
                 step = _CHUNK_SECONDS * SAMPLE_RATE
                 clips = [{"start": i, "end": min(i + step, samples.size)} for i in range(0, samples.size, step)]
-            chunks, metas = collect_chunks(samples, clips, max_duration=_CHUNK_SECONDS) if clips else ([], [])
-            channel = _Channel(channel_audio, clips, list(chunks), list(metas))
-            channel.outputs = [None] * len(channel.chunks)
-            # The chunks hold the speech; the whole channel is no longer needed (an hour is 230 MB per channel).
+            channel = _Channel(channel_audio, clips, [samples[c["start"] : c["end"]].copy() for c in clips])
+            # The clips hold the speech; the whole channel is no longer needed (an hour is 230 MB per channel).
             channel_audio.samples = np.zeros(0, dtype=np.float32)
             channel.language, channel.language_probability = self._language(job.call, channel)
             job.channels.append(channel)
@@ -217,57 +315,133 @@ class FasterWhisperEngine:
             return hint, 1.0
         if hint:
             log.warning("%s: language %r is not one Whisper knows; detecting it instead", call_label(call), raw)
-        if not channel.chunks:
+        if not channel.speech:
             return "", 0.0
-        features = self.model.feature_extractor(channel.chunks[0])[..., :-1]
+        first = np.concatenate(channel.speech)[: _CHUNK_SECONDS * SAMPLE_RATE]
+        features = self.model.feature_extractor(first)[..., :-1]
         language, probability, _ = self.model.detect_language(features=features)
         return str(language), float(probability)
 
-    # -- step 2: pooled model batches ---------------------------------------------------------------------------
+    # -- step 2: windows of speech from many calls, batched through the model ----------------------------------
 
     def _decode(self, jobs: Sequence[_Job]) -> None:
-        by_language: dict[str, list[_ChunkRef]] = {}
+        by_language: dict[str, list[_Piece]] = {}
         for job in jobs:
             for channel in job.channels:
-                for i in range(len(channel.chunks)):
-                    by_language.setdefault(channel.language or "en", []).append(_ChunkRef(job, channel, i))
-        size = self.settings.chunk_batch_size
-        for language, refs in by_language.items():
-            # Similar lengths together: a batch decodes until its longest chunk is done.
-            refs.sort(key=lambda r: -float(r.channel.metas[r.index]["duration"]))
-            for start in range(0, len(refs), size):
-                self._run_batch(language, [r for r in refs[start : start + size] if r.job.error is None])
+                for i in range(len(channel.clips)):
+                    by_language.setdefault(channel.language or "en", []).append(_Piece(job, channel, i))
+        s = self.settings
+        for language, pieces in by_language.items():
+            windows = pack_windows(
+                pieces, max_seconds=_CHUNK_SECONDS, gap_seconds=s.pack_gap_s, across_channels=s.pack_calls
+            )
+            # Similar lengths together: a batch decodes until its longest window is done.
+            windows.sort(key=lambda w: -w.samples)
+            for start in range(0, len(windows), s.chunk_batch_size):
+                self._run_batch(language, windows[start : start + s.chunk_batch_size])
 
-    def _run_batch(self, language: str, refs: list[_ChunkRef]) -> None:
-        if not refs:
+    def _run_batch(self, language: str, windows: list[_Window], attempt: int = 0) -> None:
+        windows = [w for w in windows if all(j.error is None for j in w.jobs)]
+        if not windows:
             return
         started = time.perf_counter()
         try:
-            outputs = self._forward(language, refs)
-        except Exception as exc:  # noqa: BLE001 - find the chunk that fails
-            if len(refs) == 1:
-                refs[0].job.error = exc
-                log.warning("%s: model failed: %s", call_label(refs[0].job.call), exc)
+            outputs = self._forward(language, windows)
+        except Exception as exc:  # noqa: BLE001 - find the call that fails, without failing its batch-mates
+            if len(windows) > 1:
+                for window in windows:
+                    self._run_batch(language, [window])
+            elif len(jobs := windows[0].jobs) > 1:
+                for job in jobs:
+                    mine = [_Piece(p.job, p.channel, p.clip) for p in windows[0].pieces if p.job is job]
+                    self._run_batch(
+                        language,
+                        pack_windows(mine, max_seconds=_CHUNK_SECONDS, gap_seconds=0.0, across_channels=False),
+                    )
             else:
-                for ref in refs:
-                    self._run_batch(language, [ref] if ref.job.error is None else [])
+                jobs[0].error = exc
+                log.warning("%s: model failed: %s", call_label(jobs[0].call), exc)
             return
         elapsed = time.perf_counter() - started
-        for ref, output in zip(refs, outputs, strict=True):
-            ref.channel.outputs[ref.index] = output
-            ref.job.seconds += elapsed / len(refs)
+        speech = sum(w.samples for w in windows) or 1
+        missed: list[_Piece] = []
+        for window, output in zip(windows, outputs, strict=True):
+            for piece in window.pieces:
+                piece.job.seconds += elapsed * piece.samples.size / speech
+            words = self._collect_words(window, output)
+            shared = len({id(p.channel) for p in window.pieces}) > 1
+            for piece in window.pieces:
+                mine = words.get(id(piece), [])
+                if (
+                    shared
+                    and piece.seconds >= _MIN_REPAIR_SECONDS
+                    and len(mine) < _MIN_WORDS_PER_SECOND * piece.seconds
+                ):
+                    # Whisper sometimes passes over a clip of a packed window: decode it again.
+                    missed.append(_Piece(piece.job, piece.channel, piece.clip))
+                else:
+                    piece.channel.words.extend(mine)
+        if missed:
+            # Decode them again: packed together once more (other neighbours; a cheap second chance), then alone.
+            log.info("re-decoding %d clip(s) that a packed window passed over (attempt %d)", len(missed), attempt + 1)
+            self.repaired_clips += len(missed)
+            retry = pack_windows(
+                missed,
+                max_seconds=_CHUNK_SECONDS,
+                gap_seconds=self.settings.pack_gap_s,
+                across_channels=attempt == 0 and self.settings.pack_calls,
+            )
+            for start in range(0, len(retry), self.settings.chunk_batch_size):
+                self._run_batch(language, retry[start : start + self.settings.chunk_batch_size], attempt + 1)
 
-    def _forward(self, language: str, refs: Sequence[_ChunkRef]) -> list[list[dict[str, Any]]]:
+    def _forward(self, language: str, windows: Sequence[_Window]) -> list[list[dict[str, Any]]]:
         from faster_whisper.audio import pad_or_trim
 
         tokenizer, options = self._tokenizer_and_options(language)
         extractor = self.model.feature_extractor
-        features = np.stack([pad_or_trim(extractor(r.channel.chunks[r.index])[..., :-1]) for r in refs])
-        metas = [r.channel.metas[r.index] for r in refs]
+        gap = int(self.settings.pack_gap_s * SAMPLE_RATE)
+        audio = [w.audio(gap) for w in windows]
+        features = np.stack([pad_or_trim(extractor(a)[..., :-1]) for a in audio])
+        metas = [{"offset": 0.0, "duration": a.size / SAMPLE_RATE, "segments": []} for a in audio]
         # Word-timing heuristics look at the last word of the previous batch: meaningless across calls.
         self.pipeline.last_speech_timestamp = 0.0
         outputs: list[list[dict[str, Any]]] = self.pipeline.forward(features, tokenizer, metas, options)
         return outputs
+
+    def _collect_words(self, window: _Window, output: list[dict[str, Any]]) -> dict[int, list[TimedWord]]:
+        """Words of one window per piece (by id), each on its own call's timeline."""
+        from faster_whisper.transcribe import get_compression_ratio
+
+        s = self.settings
+        by_piece: dict[int, list[tuple[_Piece, dict[str, Any]]]] = {}
+        for sub in output:
+            if sub["no_speech_prob"] > s.no_speech_threshold and sub["avg_logprob"] < s.log_prob_threshold:
+                continue  # the model itself thinks this is silence (faster-whisper's rule)
+            for w in sub.get("words") or []:
+                piece = _place_word(window, (float(w["start"]) + float(w["end"])) / 2)
+                by_piece.setdefault(id(piece), []).append((piece, w))
+        words: dict[int, list[TimedWord]] = {}
+        for key, placed in by_piece.items():
+            piece = placed[0][0]
+            text = "".join(w["word"] for _, w in placed)
+            # A repetition loop (Whisper's answer to noise or music) is dropped, per clip: one bad clip must not
+            # cost the other calls in the window their words.
+            if get_compression_ratio(text) > s.compression_ratio_threshold:
+                log.info("%s: dropped a repetitive clip: %.80r", call_label(piece.job.call), text)
+                continue
+            low, high = piece.start, piece.start + piece.seconds
+            shift = piece.start - piece.offset
+            words[key] = [
+                TimedWord(
+                    piece.channel.audio.channel,
+                    min(max(float(w["start"]) + shift, low), high),
+                    min(max(float(w["end"]) + shift, low), high),
+                    w["word"],
+                    float(w["probability"]),
+                )
+                for _, w in placed
+            ]
+        return words
 
     def _tokenizer_and_options(self, language: str) -> tuple[Any, Any]:
         from faster_whisper.tokenizer import Tokenizer
@@ -283,9 +457,9 @@ class FasterWhisperEngine:
                 length_penalty=1,
                 repetition_penalty=1,
                 no_repeat_ngram_size=0,
-                log_prob_threshold=_LOG_PROB_THRESHOLD,
-                no_speech_threshold=_NO_SPEECH_THRESHOLD,
-                compression_ratio_threshold=2.4,
+                log_prob_threshold=self.settings.log_prob_threshold,
+                no_speech_threshold=self.settings.no_speech_threshold,
+                compression_ratio_threshold=self.settings.compression_ratio_threshold,
                 condition_on_previous_text=False,
                 prompt_reset_on_temperature=0.5,
                 temperatures=[0.0],
@@ -293,8 +467,10 @@ class FasterWhisperEngine:
                 prefix=None,
                 suppress_blank=True,
                 suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
-                without_timestamps=True,
-                max_initial_timestamp=0.0,
+                # Timestamp tokens make the decoder walk through a packed window segment by segment; without them
+                # it skipped whole calls of a window (measured: 26% WER instead of 10% on the benchmark's calls).
+                without_timestamps=False,
+                max_initial_timestamp=1.0,
                 word_timestamps=True,
                 prepend_punctuations="\"'“¿([{-",
                 append_punctuations="\"'.。,，!！?？:：”)]}、",
@@ -311,7 +487,7 @@ class FasterWhisperEngine:
     def _assemble(self, job: _Job) -> events_pb2.Transcript:
         words: list[TimedWord] = []
         for channel in job.channels:
-            words.extend(_channel_words(channel))
+            words.extend(sorted(channel.words, key=lambda w: (w.start, w.end)))
         roles = {c.audio.channel: c.audio.role for c in job.channels}
         segments = merge_words(words, roles)
         language, probability = _call_language(job)
@@ -328,38 +504,8 @@ class FasterWhisperEngine:
         )
         if call.HasField("started_at"):
             transcript.started_at.CopyFrom(call.started_at)
-        return transcript
-
-
-def _channel_words(channel: _Channel) -> list[TimedWord]:
-    from faster_whisper.transcribe import Segment, Word, restore_speech_timestamps
-
-    segments: list[Any] = []
-    for output in channel.outputs:
-        for sub in output or []:
-            if sub["no_speech_prob"] > _NO_SPEECH_THRESHOLD and sub["avg_logprob"] < _LOG_PROB_THRESHOLD:
-                continue
-            segments.append(
-                Segment(
-                    id=len(segments) + 1,
-                    seek=sub["seek"],
-                    start=sub["start"],
-                    end=sub["end"],
-                    text=sub["text"],
-                    tokens=sub["tokens"],
-                    avg_logprob=sub["avg_logprob"],
-                    compression_ratio=sub["compression_ratio"],
-                    no_speech_prob=sub["no_speech_prob"],
-                    words=[Word(**w) for w in sub.get("words") or []],
-                    temperature=0.0,
-                )
-            )
-    words: list[TimedWord] = []
-    number = channel.audio.channel
-    for segment in restore_speech_timestamps(segments, channel.clips, SAMPLE_RATE):
-        for w in segment.words or []:
-            words.append(TimedWord(number, float(w.start), float(w.end), w.word, float(w.probability)))
-    return words
+        # Analytics and PII redaction, once, here: Kafka, gRPC and `callstream transcribe` publish the same.
+        return finalize_transcript(transcript, self.settings)
 
 
 def _call_language(job: _Job) -> tuple[str, float]:
@@ -367,7 +513,7 @@ def _call_language(job: _Job) -> tuple[str, float]:
     best: _Channel | None = None
     best_speech = -1.0
     for channel in job.channels:
-        speech = sum(float(m["duration"]) for m in channel.metas)
+        speech = channel.speech_seconds
         if channel.language and speech > best_speech:
             best, best_speech = channel, speech
     if best is None:

@@ -1,8 +1,9 @@
 """Word error rate of transcripts against reference texts, after a light normalisation.
 
 Normalisation: lower case; punctuation dropped (apostrophes kept); numbers written as words, the way the
-reference scripts spell them ("$4" -> "four dollars", "3rd" -> "third", "457-218" -> "four five seven two
-one eight", "60" -> "sixty"). It only makes written forms comparable; it does not forgive recognition errors.
+reference scripts spell them ("$4" -> "four dollars", "3rd" -> "third", "457-218" and "457218" -> "four five
+seven two one eight", "60" -> "sixty"). It only makes written forms comparable; it does not forgive recognition
+errors.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def normalize_text(text: str) -> str:
     t = text.lower()
     # Digit groups joined by dashes or spaces are read digit by digit (account and phone numbers).
     t = re.sub(r"\b\d+(?:[- ]\d+)+\b", lambda m: _digits(m.group(0)), t)
+    # So are runs of five or more digits (an account or phone number written without separators).
+    t = re.sub(r"\b\d{5,}\b", lambda m: _digits(m.group(0)), t)
     t = re.sub(r"\$(\d[\d,]*)(?:\.(\d\d))?", _dollars, t)
     t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), t)
     t = re.sub(r"(\d)%", r"\1 percent", t)

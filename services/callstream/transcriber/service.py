@@ -3,12 +3,17 @@
 Enter: gRPC Transcribe, and Kafka records from calls.recorded (CallRecorded).
 Model: faster-whisper (transcriber/engine.py) behind the shared dynamic batcher.
 Leave: Transcript on calls.transcribed, keyed by call id.
+
+Live calls (docs/streaming.md) use the same Transcriber: gRPC StreamingTranscribe and Kafka calls.audio.chunks
+(AudioChunk) in; StreamingResults (gRPC) or PartialTranscripts (calls.transcribed.partial) and, at the end of the
+call, the Transcript out. Sessions are in streaming.py, the Kafka side in streaming_kafka.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,6 +26,8 @@ from callstream.core.grpc_server import GrpcService, ServiceRuntime, abort_with
 from callstream.core.kafka import OutRecord, kafka_service_runtime
 from callstream.transcriber.engine import AsrEngine, FasterWhisperEngine
 from callstream.transcriber.settings import TranscriberSettings
+from callstream.transcriber.streaming import StreamingSessions, serve_stream
+from callstream.transcriber.streaming_kafka import AudioChunkHandler
 from callstream.v1 import events_pb2, transcriber_pb2, transcriber_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -65,8 +72,9 @@ class Transcriber:
 
 
 class TranscriberServicer(transcriber_pb2_grpc.TranscriberServiceServicer):
-    def __init__(self, transcriber: Transcriber) -> None:
+    def __init__(self, transcriber: Transcriber, sessions: StreamingSessions | None = None) -> None:
         self.transcriber = transcriber
+        self.sessions = sessions or StreamingSessions(transcriber, transcriber.settings)
 
     async def Transcribe(  # noqa: N802 - gRPC method name
         self, request: transcriber_pb2.TranscribeRequest, context: grpc.aio.ServicerContext
@@ -78,13 +86,28 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServiceServicer):
             raise
         return transcriber_pb2.TranscribeResponse(transcript=transcript)
 
+    async def StreamingTranscribe(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[transcriber_pb2.StreamingTranscribeRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[transcriber_pb2.StreamingTranscribeResponse]:
+        async for response in serve_stream(self.sessions, request_iterator, context):
+            yield response
+
 
 class TranscriberKafkaHandler:
-    def __init__(self, transcriber: Transcriber, settings: TranscriberSettings) -> None:
+    """calls.recorded (whole calls) and calls.audio.chunks (live calls, handed to `chunks`)."""
+
+    def __init__(
+        self, transcriber: Transcriber, settings: TranscriberSettings, chunks: AudioChunkHandler | None = None
+    ) -> None:
         self.transcriber = transcriber
         self.topics = settings.topics
+        self.chunks = chunks
 
     async def __call__(self, record: ConsumerRecord) -> list[OutRecord]:
+        if self.chunks is not None and record.topic == self.topics.calls_audio_chunks:
+            return await self.chunks(record)
         call = codec.decode(events_pb2.CallRecorded, record.value, record.headers)
         transcript = await self.transcriber.transcribe(call)
         return [OutRecord(self.topics.calls_transcribed, call.call_id.encode(), transcript)]
@@ -92,15 +115,19 @@ class TranscriberKafkaHandler:
 
 def build_runtime(settings: TranscriberSettings) -> ServiceRuntime:
     transcriber = Transcriber(settings)
+    sessions = StreamingSessions(transcriber, settings)  # live calls over gRPC and Kafka share the limit
+    chunks = AudioChunkHandler(sessions, settings)
     return kafka_service_runtime(
         name="transcriber",
         settings=settings,
         model=transcriber,
         grpc_service=GrpcService(
             transcriber_pb2.DESCRIPTOR.services_by_name["TranscriberService"].full_name,
-            TranscriberServicer(transcriber),
+            TranscriberServicer(transcriber, sessions),
             transcriber_pb2_grpc.add_TranscriberServiceServicer_to_server,
         ),
-        input_topics=[settings.topics.calls_recorded],
-        handler=TranscriberKafkaHandler(transcriber, settings),
+        input_topics=[settings.topics.calls_recorded, settings.topics.calls_audio_chunks],
+        handler=TranscriberKafkaHandler(transcriber, settings, chunks),
+        hooks=chunks,
+        sequential_keys=True,  # a live call's chunks in order
     )

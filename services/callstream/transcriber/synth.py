@@ -15,9 +15,19 @@ A script is YAML:
     turns:
       - agent: Thank you for calling ...
       - customer: Hi ...
+      - agent: Could you read me the number on the back of ...
+      - customer: Sorry, I only have the front.
+        overlap_s: 0.8                        # optional: an interruption (see below)
+
+A turn starts `pause_s` after the previous turns have ended, unless it has `overlap_s`: then its speech starts
+that many seconds before the previous turn's speech ends (the speaker interrupts; both channels carry speech for
+overlap_s seconds), and the turn after it waits for both to end. An overlapping turn must be on another channel
+than the turn it interrupts.
 
 Next to each rendered wav, a .json sidecar records the script's hash, the reference text per channel and each
-turn's time span; `synthesize_samples` skips scripts whose wav is already rendered from the same script.
+turn's time span: `start`/`end` of the placed audio, and `speech_start`/`speech_end` of its speech (espeak-ng's
+leading and trailing silence left out), the ground truth for talk time and interruptions (analytics.py).
+`synthesize_samples` skips scripts whose wav is already rendered from the same script.
 """
 
 from __future__ import annotations
@@ -39,8 +49,10 @@ import yaml
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "samples" / "calls"
 DEFAULT_CHANNELS: dict[str, int] = {"agent": 0, "customer": 1}
 DEFAULT_VOICES: dict[str, str] = {"agent": "en-us+m3", "customer": "en-gb+f2"}
-# Bump when the rendering changes, so that cached renders are redone.
-_RENDER_VERSION = "2"
+# Bump when the rendering changes, so that cached renders are redone. 3: overlapping turns, speech spans.
+_RENDER_VERSION = "3"
+# A sample louder than this (about -40 dBFS) is speech when the sidecar's speech spans are measured.
+_SPEECH_LEVEL = 0.01
 
 
 class SynthesisError(RuntimeError):
@@ -51,6 +63,8 @@ class SynthesisError(RuntimeError):
 class Turn:
     speaker: str
     text: str
+    # > 0: this turn's speech starts this many seconds before the previous turn's speech ends (an interruption).
+    overlap_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -83,9 +97,13 @@ def load_script(path: Path) -> CallScript:
     voices = {**DEFAULT_VOICES, **{str(k): str(v) for k, v in (data.get("voices") or {}).items()}}
     turns: list[Turn] = []
     for i, item in enumerate(data["turns"]):
-        if not isinstance(item, dict) or len(item) != 1:
-            raise SynthesisError(f"call script {path}: turn {i} must be one 'speaker: text' pair, got {item!r}")
-        ((speaker, text),) = item.items()
+        pairs = {k: v for k, v in item.items() if k != "overlap_s"} if isinstance(item, dict) else {}
+        if len(pairs) != 1:
+            raise SynthesisError(
+                f"call script {path}: turn {i} must be one 'speaker: text' pair (and optionally overlap_s), "
+                f"got {item!r}"
+            )
+        ((speaker, text),) = pairs.items()
         speaker = str(speaker)
         if speaker not in channels:
             raise SynthesisError(f"call script {path}: turn {i} speaker {speaker!r} has no channel in {channels}")
@@ -93,7 +111,12 @@ def load_script(path: Path) -> CallScript:
             raise SynthesisError(f"call script {path}: turn {i} speaker {speaker!r} has no voice")
         if not str(text).strip():
             raise SynthesisError(f"call script {path}: turn {i} is empty")
-        turns.append(Turn(speaker, " ".join(str(text).split())))
+        overlap = _overlap(path, i, item.get("overlap_s", 0.0))
+        if overlap and (not turns or channels[turns[-1].speaker] == channels[speaker]):
+            raise SynthesisError(
+                f"call script {path}: turn {i} overlaps, but there is no previous turn on another channel to interrupt"
+            )
+        turns.append(Turn(speaker, " ".join(str(text).split()), overlap))
     return CallScript(
         id=str(data.get("id") or Path(path).stem),
         turns=turns,
@@ -103,6 +126,26 @@ def load_script(path: Path) -> CallScript:
         lead_in_s=float(data.get("lead_in_s", 0.3)),
         speed_wpm=int(data.get("speed_wpm", 165)),
     )
+
+
+def _overlap(path: Path, index: int, value: Any) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds >= 0.0:  # also refuses NaN
+        raise SynthesisError(
+            f"call script {path}: turn {index} overlap_s must be a number of seconds >= 0, not {value!r}"
+        )
+    return seconds
+
+
+def speech_span(samples: np.ndarray, level: float = _SPEECH_LEVEL) -> tuple[int, int]:
+    """[first, last + 1) sample above `level`: a clip without espeak-ng's leading and trailing silence."""
+    loud = np.flatnonzero(np.abs(samples) > level)
+    if loud.size == 0:
+        return 0, int(samples.size)
+    return int(loud[0]), int(loud[-1]) + 1
 
 
 def espeak_binary() -> str:
@@ -170,30 +213,40 @@ def synthesize_call(script_path: Path, out_wav: Path, sample_rate: int = 16000) 
     """Render one call script to a 16-bit stereo wav; returns the reference text per channel.
 
     Also writes `out_wav` with a .json suffix: {"script_sha256", "references", "turns": [{speaker, channel,
-    start, end, text}], "seconds"}.
+    start, end, speech_start, speech_end, text, overlap_s (only when set)}], "seconds"}.
     """
     script = load_script(Path(script_path))
     espeak = espeak_binary()
     n_channels = max(2, max(script.channels.values()) + 1)
     pieces: list[tuple[int, int, np.ndarray]] = []  # (channel, start sample, samples)
     timeline: list[dict[str, Any]] = []
-    cursor = int(script.lead_in_s * sample_rate)
+    cursor = int(script.lead_in_s * sample_rate)  # where the next turn starts unless it interrupts
     pause = int(script.pause_s * sample_rate)
+    previous: tuple[int, int] | None = None  # the previous turn's start and speech end, in samples
     with tempfile.TemporaryDirectory(prefix="callstream-synth-") as tmp:
         for turn in script.turns:
             samples = _speak(espeak, turn.text, script.voices[turn.speaker], script.speed_wpm, sample_rate, Path(tmp))
             channel = script.channels[turn.speaker]
-            pieces.append((channel, cursor, samples))
-            timeline.append(
-                {
-                    "speaker": turn.speaker,
-                    "channel": channel,
-                    "start": round(cursor / sample_rate, 3),
-                    "end": round((cursor + samples.size) / sample_rate, 3),
-                    "text": turn.text,
-                }
-            )
-            cursor += samples.size + pause
+            first, last = speech_span(samples)
+            start = cursor
+            if turn.overlap_s > 0 and previous is not None:
+                # Speech starts overlap_s before the previous speech ends, but not before the previous turn.
+                start = max(previous[0], previous[1] - int(turn.overlap_s * sample_rate) - first)
+            pieces.append((channel, start, samples))
+            entry: dict[str, Any] = {
+                "speaker": turn.speaker,
+                "channel": channel,
+                "start": round(start / sample_rate, 3),
+                "end": round((start + samples.size) / sample_rate, 3),
+                "speech_start": round((start + first) / sample_rate, 3),
+                "speech_end": round((start + last) / sample_rate, 3),
+                "text": turn.text,
+            }
+            if turn.overlap_s > 0:
+                entry["overlap_s"] = turn.overlap_s
+            timeline.append(entry)
+            previous = (start, start + last)
+            cursor = max(cursor, start + samples.size + pause)
     total = cursor - pause + int(script.lead_in_s * sample_rate)
     audio = np.zeros((total, n_channels), dtype=np.float32)
     for channel, start, samples in pieces:

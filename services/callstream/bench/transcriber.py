@@ -1,0 +1,424 @@
+"""`callstream bench transcriber`: the transcriber service against bare faster-whisper, on the same short calls.
+
+The workload is a fixed set of SHORT calls (a contact center's many 5-15 s calls and call fragments), all with
+reference text:
+- real speech: the clips in ../shared/data/audio with a reference in references.json (jfk.flac as mono; the
+  two-speaker stereo_diarization.wav per channel);
+- generated support calls: the sample call scripts rendered by espeak-ng (two channels), cut between turns into
+  calls of at most `--max-call-seconds`, each with the reference text of its turns: mono mixes of both parties
+  (`--channels mono`, the default) or stereo with one party per channel (`--channels stereo`).
+
+In one run, on one machine:
+- "bare": faster-whisper's own BatchedInferencePipeline.transcribe on each call in this process, one call at a time
+  (each channel of a stereo call separately, as faster-whisper users do), with the service's settings: model,
+  compute type, threads, beam size, VAD, word timestamps, batch size;
+- "service": Transcribe RPCs to a `callstream serve transcriber` child process (Kafka off, PII redaction off so that
+  WER compares words), `concurrency` calls in flight, for each value of --concurrency;
+- "service-unpacked": the same at the highest concurrency with pack_calls=false (one channel per 30 s window, as
+  faster-whisper chunks one file), to show what packing the speech of many calls into shared windows buys.
+
+Every run transcribes the whole workload `--rounds` times. Reported per run: audio seconds per second (and its
+inverse, the real-time factor), calls per minute, p50/p95 call latency, WER on the real and on the generated calls,
+and the peak resident memory of the process that ran the model. Output: a table, bench/results/transcriber.json
+({"runs": [{"mode", "concurrency", "audio_seconds_per_second", "wer", ...}], "ratios": {...}}) and
+transcriber.png (throughput against concurrency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import resource
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from callstream.bench import bench_app
+from callstream.bench.report import plot_lines, print_table, results_dir, write_json
+from callstream.v1 import events_pb2
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class BenchCall:
+    name: str
+    source: str  # "real" | "generated"
+    channels: list[np.ndarray]  # float32 at 16 kHz, one array per channel
+    references: dict[int, str]  # channel -> reference text
+
+    @property
+    def seconds(self) -> float:
+        return self.channels[0].size / SAMPLE_RATE
+
+    def wav_bytes(self) -> bytes:
+        pcm = np.stack(self.channels, axis=1) if len(self.channels) > 1 else self.channels[0][:, None]
+        buffer = io.BytesIO()
+        with wave.open(buffer, "wb") as wav:
+            wav.setnchannels(pcm.shape[1])
+            wav.setsampwidth(2)
+            wav.setframerate(SAMPLE_RATE)
+            wav.writeframes((np.clip(pcm, -1, 1) * 32767).round().astype("<i2").tobytes())
+        return buffer.getvalue()
+
+
+def shared_data_dir() -> Path:
+    """CALLSTREAM_SHARED_DATA, else ../shared/data beside the working directory or the repository."""
+    if env := os.environ.get("CALLSTREAM_SHARED_DATA"):
+        return Path(env)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[3]):
+        candidate = base.parent / "shared" / "data"
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd().parent / "shared" / "data"
+
+
+def real_calls(audio_dir: Path) -> list[BenchCall]:
+    """The shared real-speech clips that have reference text."""
+    from faster_whisper import decode_audio
+
+    refs = json.loads((audio_dir / "references.json").read_text())
+    calls: list[BenchCall] = []
+    for name, info in sorted(refs.items()):
+        if not isinstance(info, dict) or not (audio_dir / name).is_file():
+            continue
+        if "reference_by_channel" in info:
+            left, right = decode_audio(str(audio_dir / name), sampling_rate=SAMPLE_RATE, split_stereo=True)
+            by_channel = {int(k): v for k, v in info["reference_by_channel"].items()}
+            calls.append(BenchCall(name, "real", [left, right], by_channel))
+        elif "reference" in info:
+            mono = decode_audio(str(audio_dir / name), sampling_rate=SAMPLE_RATE)  # jfk.flac: one voice, 2 channels
+            calls.append(BenchCall(name, "real", [mono], {0: info["reference"]}))
+    return calls
+
+
+def generated_calls(max_seconds: float, mono: bool = False) -> list[BenchCall]:
+    """The sample support calls, rendered, cut between turns into calls of at most max_seconds: stereo (agent and
+    customer on their own channels), or mono mixes of both (as many recorders deliver telephony audio)."""
+    from faster_whisper import decode_audio
+
+    from callstream.core.settings import callstream_home
+    from callstream.transcriber.synth import sidecar_path, synthesize_samples
+
+    calls: list[BenchCall] = []
+    for wav_path in synthesize_samples(callstream_home() / "sample-calls"):
+        meta = json.loads(sidecar_path(wav_path).read_text())
+        left, right = decode_audio(str(wav_path), sampling_rate=SAMPLE_RATE, split_stereo=True)
+        groups: list[list[dict[str, Any]]] = [[]]
+        for turn in meta["turns"]:
+            group = groups[-1]
+            # Cut only where no turn is still running (turns may overlap: interruptions).
+            clear = not group or turn["start"] >= max(t["end"] for t in group)
+            if group and clear and turn["end"] - group[0]["start"] > max_seconds:
+                groups.append([])
+            groups[-1].append(turn)
+        for i, group in enumerate(g for g in groups if g):
+            start = max(0, int((group[0]["start"] - 0.2) * SAMPLE_RATE))
+            end = int((max(t["end"] for t in group) + 0.2) * SAMPLE_RATE)
+            refs: dict[int, list[str]] = {0: [], 1: []}
+            for turn in sorted(group, key=lambda t: t["start"]):
+                refs[int(turn["channel"])].append(turn["text"])
+            if mono:
+                mixed = np.clip(left[start:end] + right[start:end], -1.0, 1.0)
+                in_order = " ".join(t["text"] for t in sorted(group, key=lambda t: t["start"]))
+                calls.append(BenchCall(f"{wav_path.stem}#{i}", "generated", [mixed], {0: in_order}))
+                continue
+            calls.append(
+                BenchCall(
+                    f"{wav_path.stem}#{i}",
+                    "generated",
+                    [left[start:end].copy(), right[start:end].copy()],
+                    {ch: " ".join(texts) for ch, texts in refs.items()},
+                )
+            )
+    return calls
+
+
+def _wer(calls: list[BenchCall], hypotheses: list[dict[int, str]], source: str | None) -> float | None:
+    """Corpus WER (errors over reference words) over the channels of the calls from `source`."""
+    import jiwer
+
+    from callstream.transcriber.evaluation import normalize_text
+
+    refs: list[str] = []
+    hyps: list[str] = []
+    for call, hyp in zip(calls, hypotheses, strict=True):
+        if source is not None and call.source != source:
+            continue
+        for channel, reference in call.references.items():
+            if normalize_text(reference):
+                refs.append(normalize_text(reference))
+                hyps.append(normalize_text(hyp.get(channel, "")))
+    if not refs:
+        return None
+    return round(float(jiwer.wer(refs, hyps)), 4)
+
+
+def _run_stats(
+    mode: str,
+    concurrency: int,
+    calls: list[BenchCall],
+    hypotheses: list[dict[int, str]],
+    latencies: list[float],
+    wall: float,
+    rounds: int,
+    peak_mb: float,
+) -> dict[str, Any]:
+    audio = sum(c.seconds for c in calls) * rounds
+    return {
+        "mode": mode,
+        "concurrency": concurrency,
+        "calls": len(calls) * rounds,
+        "audio_seconds": round(audio, 1),
+        "wall_seconds": round(wall, 2),
+        "audio_seconds_per_second": round(audio / wall, 2),
+        "real_time_factor": round(wall / audio, 4),
+        "calls_per_minute": round(60 * len(calls) * rounds / wall, 1),
+        "latency_p50_s": round(float(np.percentile(latencies, 50)), 3),
+        "latency_p95_s": round(float(np.percentile(latencies, 95)), 3),
+        "wer": _wer(calls, hypotheses, None),
+        "wer_real": _wer(calls, hypotheses, "real"),
+        "wer_generated": _wer(calls, hypotheses, "generated"),
+        "peak_memory_mb": round(peak_mb, 1),
+    }
+
+
+def run_bare(calls: list[BenchCall], settings: Any, rounds: int) -> dict[str, Any]:
+    """faster-whisper alone, one call at a time, each channel separately, with the service's settings."""
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    model = WhisperModel(
+        str(settings.model_path),
+        device=settings.device,
+        compute_type=settings.compute_type,
+        cpu_threads=settings.cpu_threads,
+        num_workers=1,
+        local_files_only=True,
+    )
+    pipeline = BatchedInferencePipeline(model)
+    language = settings.language or ("en" if not model.model.is_multilingual else None)
+
+    def transcribe(call: BenchCall) -> dict[int, str]:
+        texts: dict[int, str] = {}
+        for channel, samples in enumerate(call.channels):
+            segments, _ = pipeline.transcribe(
+                samples,
+                language=language,
+                beam_size=settings.beam_size,
+                batch_size=settings.chunk_batch_size,
+                word_timestamps=True,
+                vad_filter=settings.vad_filter,
+                without_timestamps=False,  # as the service decodes (engine.py)
+            )
+            texts[channel] = "".join(w.word for s in segments for w in s.words or [])
+        return texts
+
+    transcribe(calls[0])  # warm-up, as the service's first call
+    hypotheses: list[dict[int, str]] = []
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for call in calls:
+            t0 = time.perf_counter()
+            hypotheses.append(transcribe(call))
+            latencies.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _run_stats("bare", 1, calls, hypotheses[: len(calls)], latencies, wall, rounds, peak_mb)
+
+
+async def _service_run(
+    address: str, calls: list[BenchCall], concurrency: int, rounds: int
+) -> tuple[list[dict[int, str]], list[float], float]:
+    import grpc
+
+    from callstream.transcriber.evaluation import channel_texts
+    from callstream.v1 import transcriber_pb2, transcriber_pb2_grpc
+
+    payloads = [c.wav_bytes() for c in calls]
+    roles = {0: "agent", 1: "customer"}
+
+    def request(i: int) -> Any:
+        call = calls[i]
+        return transcriber_pb2.TranscribeRequest(
+            call=events_pb2.CallRecorded(
+                call_id=f"bench-{i}",
+                audio_bytes=payloads[i],
+                channel_roles=roles if len(call.channels) > 1 else {},
+                language="en",
+            )
+        )
+
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = transcriber_pb2_grpc.TranscriberServiceStub(channel)
+        await stub.Transcribe(request(0), timeout=600)  # warm-up
+        hypotheses: list[dict[int, str]] = [{} for _ in calls]
+        latencies: list[float] = []
+        queue = [i for _ in range(rounds) for i in range(len(calls))]
+        position = 0
+
+        async def worker() -> None:
+            nonlocal position
+            while position < len(queue):
+                i = queue[position]
+                position += 1
+                t0 = time.perf_counter()
+                response = await stub.Transcribe(request(i), timeout=600)
+                latencies.append(time.perf_counter() - t0)
+                hypotheses[i] = channel_texts(response.transcript)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return hypotheses, latencies, time.perf_counter() - started
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """VmHWM: the process's peak resident memory (Linux)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_service(
+    calls: list[BenchCall], settings_env: dict[str, str], concurrencies: list[int], rounds: int, mode: str
+) -> list[dict[str, Any]]:
+    from callstream.core.stack import ServiceProcess
+
+    server = ServiceProcess("transcriber", settings_env).start()
+    runs: list[dict[str, Any]] = []
+    try:
+        server.wait_ready(600)
+        assert server.proc is not None
+        for concurrency in concurrencies:
+            hypotheses, latencies, wall = asyncio.run(_service_run(server.address, calls, concurrency, rounds))
+            peak = _peak_rss_mb(server.proc.pid)
+            runs.append(_run_stats(mode, concurrency, calls, hypotheses, latencies, wall, rounds, peak))
+            typer.echo(
+                f"{mode:>16} c={concurrency:<3} {runs[-1]['audio_seconds_per_second']:7.1f} audio s/s  "
+                f"WER {runs[-1]['wer']}",
+                err=True,
+            )
+    finally:
+        server.stop()
+    return runs
+
+
+@bench_app.command("transcriber")
+def bench_transcriber(
+    concurrency: Annotated[str, typer.Option(help="Calls in flight through gRPC, comma-separated.")] = "1,4,16",
+    rounds: Annotated[int, typer.Option(min=1, help="Times each run transcribes the whole workload.")] = 2,
+    max_call_seconds: Annotated[
+        float, typer.Option(help="Generated calls are cut between turns into calls of at most this length.")
+    ] = 12.0,
+    unpacked: Annotated[
+        bool, typer.Option(help="Also run the service with pack_calls=false at the highest concurrency.")
+    ] = True,
+    channels: Annotated[
+        str,
+        typer.Option(
+            help="Generated calls as 'mono' mixes of both parties or 'stereo' (one party per channel; a one-call "
+            "batch then already packs its two channels into one window)."
+        ),
+    ] = "mono",
+    data: Annotated[Path | None, typer.Option(help="Shared data folder with audio/ (default: ../shared/data).")] = None,
+    quick: Annotated[bool, typer.Option(help="A smoke run: concurrency 1,4, one round, 8 calls.")] = False,
+    out: Annotated[Path | None, typer.Option(help="JSON file (default bench/results/transcriber.json).")] = None,
+) -> None:
+    """Throughput, latency, WER and memory of the transcriber at 1 / 4 / 16 concurrent calls through gRPC, against
+    bare faster-whisper on the same calls and settings, in one run. Writes JSON, a table and a PNG.
+
+    The model and its settings come from the transcriber's own settings (CALLSTREAM_TRANSCRIBER_*), so that
+    `CALLSTREAM_TRANSCRIBER_DEVICE=cuda CALLSTREAM_TRANSCRIBER_COMPUTE_TYPE=float16` measures a GPU node.
+    """
+    from callstream.transcriber.settings import TranscriberSettings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = TranscriberSettings()
+    levels = sorted({int(c) for c in concurrency.split(",") if c.strip()})
+    audio_dir = (data or shared_data_dir()) / "audio"
+    if channels not in ("mono", "stereo"):
+        raise typer.BadParameter("--channels takes mono or stereo")
+    real = real_calls(audio_dir) if (audio_dir / "references.json").is_file() else []
+    calls = real + generated_calls(max_call_seconds, mono=channels == "mono")
+    if quick:
+        levels, rounds, calls = [c for c in levels if c <= 4] or [1], 1, calls[:8]
+    if not calls:
+        raise typer.BadParameter("no calls to transcribe (shared audio not found and no sample calls)")
+    n_real = sum(c.source == "real" for c in calls)
+    typer.echo(
+        f"workload: {len(calls)} calls ({n_real} real, {len(calls) - n_real} generated), "
+        f"{sum(c.seconds for c in calls):.0f} s of audio, x{rounds} per run; model {settings.model_path} "
+        f"{settings.device}/{settings.compute_type}, beam {settings.beam_size}",
+        err=True,
+    )
+    env = {
+        "CALLSTREAM_TRANSCRIBER_CONSUME": "false",
+        "CALLSTREAM_TRANSCRIBER_PII_REDACTION": "off",  # WER compares words; digits would be masked
+        "CALLSTREAM_TRANSCRIBER_BATCH__MAX_BATCH_SIZE": str(max(max(levels), settings.batch.max_batch_size)),
+    }
+    runs = [run_bare(calls, settings, rounds)]
+    typer.echo(
+        f"{'bare':>16} c=1   {runs[0]['audio_seconds_per_second']:7.1f} audio s/s  WER {runs[0]['wer']}", err=True
+    )
+    runs += run_service(calls, env, levels, rounds, "service")
+    if unpacked and not quick:
+        runs += run_service(
+            calls, {**env, "CALLSTREAM_TRANSCRIBER_PACK_CALLS": "false"}, [max(levels)], rounds, "service-unpacked"
+        )
+
+    by = {(r["mode"], r["concurrency"]): r["audio_seconds_per_second"] for r in runs}
+    top = max(levels)
+    ratios: dict[str, float] = {}
+    if ("service", 1) in by:
+        ratios["service_c1_over_bare"] = round(by[("service", 1)] / by[("bare", 1)], 3)
+        ratios[f"service_c{top}_over_service_c1"] = round(by[("service", top)] / by[("service", 1)], 3)
+    if ("service-unpacked", top) in by:
+        ratios[f"packed_over_unpacked_c{top}"] = round(by[("service", top)] / by[("service-unpacked", top)], 3)
+    meta = {
+        "model_path": str(settings.model_path),
+        "device": settings.device,
+        "compute_type": settings.compute_type,
+        "cpu_threads": settings.cpu_threads,
+        "beam_size": settings.beam_size,
+        "chunk_batch_size": settings.chunk_batch_size,
+        "calls": [{"name": c.name, "source": c.source, "seconds": round(c.seconds, 2)} for c in calls],
+        "rounds": rounds,
+        "generated_calls": channels,
+        "load_average_at_end": os.getloadavg(),
+    }
+    json_path = write_json("transcriber", runs, meta, out)
+    payload = json.loads(json_path.read_text())
+    payload["ratios"] = ratios
+    json_path.write_text(json.dumps(payload, indent=2))
+    print_table(
+        "transcriber: short calls",
+        runs,
+        [
+            "mode", "concurrency", "audio_seconds_per_second", "real_time_factor", "calls_per_minute",
+            "latency_p50_s", "latency_p95_s", "wer_real", "wer_generated", "peak_memory_mb",
+        ],
+    )  # fmt: skip
+    typer.echo("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))
+    png = plot_lines(
+        (out or results_dir() / "transcriber.json").with_suffix(".png"),
+        runs,
+        x="concurrency",
+        y="audio_seconds_per_second",
+        series="mode",
+        title=f"transcriber throughput ({settings.device}/{settings.compute_type}, beam {settings.beam_size})",
+        ylabel="audio seconds per second",
+        logx=True,
+    )
+    typer.echo(f"wrote {json_path} and {png}")

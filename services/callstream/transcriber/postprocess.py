@@ -1,0 +1,20 @@
+"""What every transcript gets before it leaves the engine: call analytics, then PII redaction.
+
+`FasterWhisperEngine._assemble` calls `finalize_transcript` once per call, so that Kafka (calls.transcribed),
+gRPC (Transcribe) and `callstream transcribe` all publish the same analytics under the same redaction policy.
+Analytics come first: they only need word times, and the word count must not depend on the policy.
+"""
+
+from __future__ import annotations
+
+from callstream.transcriber.analytics import compute_analytics
+from callstream.transcriber.redaction import redact_transcript
+from callstream.transcriber.settings import TranscriberSettings
+from callstream.v1 import events_pb2
+
+
+def finalize_transcript(transcript: events_pb2.Transcript, settings: TranscriberSettings) -> events_pb2.Transcript:
+    """Fill `analytics`, then redact PII by `settings.pii_redaction` (in place; returned for convenience)."""
+    transcript.analytics.CopyFrom(compute_analytics(transcript))
+    redact_transcript(transcript, settings.pii_redaction)
+    return transcript

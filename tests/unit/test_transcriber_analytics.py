@@ -1,0 +1,149 @@
+"""Call analytics from word timestamps (transcriber/analytics.py), on hand-made words."""
+
+from __future__ import annotations
+
+import pytest
+
+from callstream.transcriber.analytics import (
+    MIN_OVERLAP_S,
+    TALK_GAP_S,
+    compute_analytics,
+    interruptions,
+    talk_intervals,
+    union_seconds,
+)
+from callstream.transcriber.postprocess import finalize_transcript
+from callstream.transcriber.settings import TranscriberSettings
+from callstream.v1 import events_pb2
+
+
+def words(role: str, channel: int, *spans: tuple[float, float], text: str = "word") -> events_pb2.Segment:
+    return events_pb2.Segment(
+        role=role,
+        channel=channel,
+        start=spans[0][0],
+        end=spans[-1][1],
+        text=" ".join([text] * len(spans)),
+        words=[events_pb2.Word(start=s, end=e, text=text) for s, e in spans],
+    )
+
+
+def by_role(analytics: events_pb2.CallAnalytics) -> dict[str, events_pb2.RoleAnalytics]:
+    return {r.role: r for r in analytics.roles}
+
+
+def test_the_thresholds_are_what_the_docs_say() -> None:
+    assert (TALK_GAP_S, MIN_OVERLAP_S) == (1.0, 0.3)
+
+
+def test_talk_intervals_bridge_short_pauses_of_one_speaker_only() -> None:
+    mine = [(0.0, 0.5), (0.6, 1.0), (1.9, 2.2), (4.0, 4.5)]
+    # 0.1 s and 0.9 s pauses are talk; the 1.8 s pause is not
+    assert talk_intervals(mine) == [(0.0, 2.2), (4.0, 4.5)]
+    # ... unless the other party says something in the pause
+    assert talk_intervals(mine, others=[(1.2, 1.5)]) == [(0.0, 1.0), (1.9, 2.2), (4.0, 4.5)]
+    # a longer threshold joins more; overlapping and unordered words are fine
+    assert talk_intervals([(4.0, 4.5), (0.0, 0.5), (0.2, 0.4), (1.9, 2.2)], gap_s=2.0) == [(0.0, 4.5)]
+    # a word whose end is before its start counts as a point
+    assert talk_intervals([(1.0, 0.9)]) == [(1.0, 1.0)]
+    assert talk_intervals([]) == []
+
+
+def test_union_and_interruptions() -> None:
+    assert union_seconds([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == pytest.approx(4.0)
+    assert union_seconds([]) == 0.0
+    agent = [(0.0, 5.0), (10.0, 12.0)]
+    # starts 0.8 s before the agent stops: an interruption; 0.1 s: a quick reply; after a pause: neither
+    assert interruptions([(4.2, 6.0)], agent) == (1, pytest.approx(0.8))
+    assert interruptions([(4.9, 6.0)], agent) == (0, 0.0)
+    assert interruptions([(6.0, 8.0)], agent) == (0, 0.0)
+    # a short remark entirely inside the other's talk: the overlap is the remark
+    assert interruptions([(1.0, 1.5), (10.5, 11.0)], agent) == (2, pytest.approx(1.0))
+    # starting at the very same time as the other is not interrupting them
+    assert interruptions([(10.0, 11.0)], agent) == (0, 0.0)
+
+
+def test_a_two_channel_call() -> None:
+    transcript = events_pb2.Transcript(
+        audio_seconds=20.0,
+        segments=[
+            words("agent", 0, (1.0, 1.5), (1.6, 2.0), (2.5, 3.0)),  # talk 1.0-3.0
+            words("customer", 1, (3.6, 4.0), (4.1, 5.0), (5.1, 6.0), (6.5, 8.0)),  # talk 3.6-8.0
+            # the agent cuts in at 7.0, one second before the customer stops
+            words("agent", 0, (7.0, 7.5), (7.6, 9.0)),  # talk 7.0-9.0
+            words("customer", 1, (15.0, 16.0)),  # after 6 s of silence
+        ],
+    )
+    analytics = compute_analytics(transcript)
+    assert [r.role for r in analytics.roles] == ["agent", "customer"]
+    agent, customer = by_role(analytics)["agent"], by_role(analytics)["customer"]
+    assert agent.talk_seconds == pytest.approx(2.0 + 2.0)
+    assert customer.talk_seconds == pytest.approx(4.4 + 1.0)
+    assert (agent.interruptions, agent.overlap_seconds) == (1, pytest.approx(1.0))
+    assert (customer.interruptions, customer.overlap_seconds) == (0, 0.0)
+    assert (agent.words, customer.words) == (5, 5)
+    assert agent.words_per_minute == pytest.approx(5 / 4.0 * 60)
+    assert customer.words_per_minute == pytest.approx(5 / 5.4 * 60)
+    # talking: 1.0-3.0, 3.6-9.0, 15.0-16.0 = 8.4 s of 20
+    assert analytics.duration_seconds == 20.0
+    assert analytics.non_talk_seconds == pytest.approx(20.0 - 8.4)
+
+
+def test_roles_come_in_channel_order_and_a_mono_call_has_one() -> None:
+    transcript = events_pb2.Transcript(
+        segments=[words("customer", 1, (0.0, 1.0)), words("agent", 0, (2.0, 3.0)), words("customer", 1, (4.0, 5.0))]
+    )
+    assert [r.role for r in compute_analytics(transcript).roles] == ["agent", "customer"]
+    mono = compute_analytics(events_pb2.Transcript(audio_seconds=10.0, segments=[words("speaker", 0, (2.0, 4.0))]))
+    (speaker,) = mono.roles
+    assert (speaker.role, speaker.talk_seconds, speaker.interruptions) == ("speaker", pytest.approx(2.0), 0)
+    assert mono.non_talk_seconds == pytest.approx(8.0)
+
+
+def test_no_words_and_no_duration() -> None:
+    empty = compute_analytics(events_pb2.Transcript(audio_seconds=3.0))
+    assert (empty.duration_seconds, empty.non_talk_seconds, len(empty.roles)) == (3.0, 3.0, 0)
+    # without audio_seconds, the call lasts until its last word
+    unknown = compute_analytics(events_pb2.Transcript(segments=[words("agent", 0, (1.0, 2.0))]))
+    assert (unknown.duration_seconds, unknown.non_talk_seconds) == (2.0, pytest.approx(1.0))
+
+
+def test_finalize_computes_analytics_before_redacting() -> None:
+    segment = events_pb2.Segment(
+        role="customer",
+        channel=1,
+        start=0.0,
+        end=2.0,
+        text="card 4111 1111 1111 1111",
+        words=[
+            events_pb2.Word(start=i * 0.4, end=i * 0.4 + 0.3, text=t)
+            for i, t in enumerate(["card", "4111", "1111", "1111", "1111"])
+        ],
+    )
+    transcript = events_pb2.Transcript(audio_seconds=5.0, segments=[segment], text="customer: card 4111 1111 1111 1111")
+    finalize_transcript(transcript, TranscriberSettings(pii_redaction="tag"))
+    (customer,) = transcript.analytics.roles
+    assert customer.words == 5 and customer.talk_seconds == pytest.approx(1.9)
+    assert transcript.text == "customer: card [CARD_NUMBER]"
+    assert dict(transcript.redactions) == {"card_number": 1} and transcript.pii_policy == "tag"
+    # the default policy masks
+    again = events_pb2.Transcript(audio_seconds=5.0, segments=[segment])
+    finalize_transcript(again, TranscriberSettings())
+    assert again.pii_policy == "mask" and again.segments[0].text == "card #### #### #### ####"
+
+
+def test_callstream_transcribe_prints_the_analytics_in_one_line() -> None:
+    from callstream.transcriber.cli import format_analytics
+
+    transcript = events_pb2.Transcript(
+        audio_seconds=10.0,
+        segments=[words("agent", 0, (0.0, 1.0), (1.2, 2.0)), words("customer", 1, (1.5, 3.0))],
+        redactions={"phone": 1, "card_number": 2},
+        pii_policy="mask",
+    )
+    transcript.analytics.CopyFrom(compute_analytics(transcript))
+    assert format_analytics(transcript) == (
+        "-- agent talks 2.0 s (60 wpm), 0 interruptions; customer talks 1.5 s (40 wpm), 1 interruption; "
+        "non-talk 7.0 s; PII (mask): 2 card_number, 1 phone redacted"
+    )
+    assert format_analytics(events_pb2.Transcript()).endswith("no speech; non-talk 0.0 s; PII (off): nothing redacted")
