@@ -13,14 +13,14 @@ from callstream.transcriber.synth import SAMPLES_DIR, synthesize_call
 
 SCRIPT = SAMPLES_DIR / "card_payment.yaml"
 # What the customer reads out (the script spells them as digits).
-CARD = "4111111111111111"
+CARD = "4539148803436467"
 PHONE = "4155550123"
 _SPOKEN = {
     "zero": "0", "oh": "0", "o": "0", "one": "1", "two": "2", "three": "3", "four": "4", "for": "4", "five": "5",
     "six": "6", "seven": "7", "eight": "8", "nine": "9",
 }  # fmt: skip
 # Inside one number: "4111-1111", "415.555", "(415) 555", "four, one"
-_SEPARATORS = set("-.,()+/")
+_SEPARATORS = set("-.,()+/'")
 
 
 def render(tmp_dir: Path) -> Path:

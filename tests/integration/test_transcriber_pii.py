@@ -20,8 +20,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_the_leak_check_sees_every_form() -> None:
-    assert leaks("card 4111 1111 1111 1111.") and leaks("4111-1111-1111-1111") and leaks("it's 4111111111111111")
-    assert leaks("four one one one, one one one one") and leaks("(415) 555-0123") and leaks("four one five 555 oh 1")
+    assert leaks("card 4539 1488 0343 6467.") and leaks("4539-1488-0343-6467") and leaks("it's 453 91488 03436 467")
+    assert leaks("four five three nine one four eight eight") and leaks("(415) 555-0123")
+    assert leaks("four one five 555 oh 1") and leaks("it's 5' 3' 9' 1' 4' 8'")
     assert not leaks("#### #### #### ####, (###) ###-####, # # # #") and not leaks("sixty dollars, 3 to 5 days")
     assert not leaks("one thing, one more thing, one one")
 

@@ -69,6 +69,26 @@ def test_spoken_zero_and_double_and_tens() -> None:
     assert not re.search(r"\b(four|oh|five|six|double|fifty)\b", out), out
 
 
+def test_digits_read_on_with_a_card_number_go_with_it() -> None:
+    # an expiry date and a security code read right after the number, or a Whisper repetition loop around it
+    out, counts = redacted("it is 4111 1111 1111 1111 12 25 123 thanks")
+    assert (out, counts) == ("it is #### #### #### #### ## ## ### thanks", {"card_number": 1})
+    out, counts = redacted("It is 5-4-2-5-2-3-4. 3-0-1-0-9-9-0-3-0-0-0-0-0-0")
+    assert counts == {"card_number": 1} and not re.search(r"\d", out), out
+
+
+def test_asr_spellings_of_spoken_digits() -> None:
+    # tiny.en wrote "four five seven two one eight" like this, after the agent asked for the account number
+    t = transcript(
+        segment("agent", 0, "Could you please tell me your account number?", start=0.0),
+        segment("customer", 1, "Yes, it is for 5' 7' 2' 1' 8'", start=4.0),
+    )
+    assert redact_transcript(t, "mask") == {"account_number": 1}
+    assert t.segments[1].text == "Yes, it is # #' #' #' #' #'"
+    # "for" and "to" are digits only in a row of digits
+    assert redacted("wait for 5 minutes, then call me") == ("wait for 5 minutes, then call me", {})
+
+
 def test_luhn_invalid_numbers_are_not_cards_but_long_ones_still_do_not_leak() -> None:
     assert luhn_valid(CARD) and not luhn_valid("4111111111111112") and not luhn_valid("41a1")
     out, counts = redacted("card 4111 1111 1111 1112 ok")

@@ -84,11 +84,12 @@ def bursts(samples: np.ndarray, window: int = 160) -> list[tuple[float, float, f
         peak = float(np.abs(samples[i : i + window]).max(initial=0.0))
         if peak < 0.05:
             continue
+        end = min(i + window, samples.size) / RATE
         if found and i / RATE - found[-1][1] < 0.1:
-            found[-1][1] = (i + window) / RATE
+            found[-1][1] = end
             found[-1][2] = max(found[-1][2], peak)
         else:
-            found.append([i / RATE, (i + window) / RATE, peak])
+            found.append([i / RATE, end, peak])
     return [(a, b, c) for a, b, c in found]
 
 
@@ -233,7 +234,7 @@ def test_config_defaults_and_refusals() -> None:
 
 def test_plan_finalizes_closed_utterances_and_keeps_running_speech() -> None:
     speech = [{"start": 100, "end": 900}, {"start": 2000, "end": 3000}]
-    plan = plan_endpoints(3000, speech, at_end=False, max_segment=10_000)
+    plan = plan_endpoints(3000, speech, at_end=False, max_segment=10_000, min_utterance=0)
     assert (plan.finals, plan.consumed, plan.open_start) == ([(100, 900)], 2000, 2000)
     # Silence only: keep a lead-in for the next onset.
     assert plan_endpoints(20_000, [], at_end=False, max_segment=10_000, lead=8000).consumed == 12_000
@@ -241,7 +242,25 @@ def test_plan_finalizes_closed_utterances_and_keeps_running_speech() -> None:
     long = plan_endpoints(12_000, [{"start": 0, "end": 12_000}], at_end=False, max_segment=10_000)
     assert (long.finals, long.consumed, long.open_start) == ([(0, 12_000)], 12_000, None)
     # End of the call: everything is final.
-    assert plan_endpoints(3000, speech, at_end=True, max_segment=10_000).finals == [(100, 900), (2000, 3000)]
+    assert plan_endpoints(3000, speech, at_end=True, max_segment=10_000, min_utterance=0).finals == [
+        (100, 900),
+        (2000, 3000),
+    ]
+
+
+def test_plan_joins_a_short_utterance_to_the_next_unless_a_long_silence_follows() -> None:
+    short_then_long = [{"start": 0, "end": 500}, {"start": 1000, "end": 4000}]
+    kw = {"max_segment": 100_000, "min_utterance": 1000, "hold_silence": 2000}
+    held = plan_endpoints(3000, short_then_long[:1] + [{"start": 1000, "end": 3000}], at_end=False, **kw)
+    assert (held.finals, held.consumed, held.open_start) == ([], 0, 0)  # interims cover both
+    joined = plan_endpoints(6000, short_then_long, at_end=False, **kw)
+    assert (joined.finals, joined.consumed) == ([(0, 4000)], 4000)
+    waiting = plan_endpoints(2000, short_then_long[:1], at_end=False, **kw)
+    assert (waiting.finals, waiting.consumed, waiting.open_start) == ([], 0, None)
+    alone = plan_endpoints(2600, short_then_long[:1], at_end=False, **kw)
+    assert (alone.finals, alone.consumed) == ([(0, 500)], 500)
+    assert plan_endpoints(4000, short_then_long, at_end=True, **kw).finals == [(0, 4000)]
+    assert plan_endpoints(600, short_then_long[:1], at_end=True, **kw).finals == [(0, 500)]
 
 
 async def _feed_all(s: StreamingSession, chunks: list[bytes]) -> None:

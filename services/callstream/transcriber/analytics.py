@@ -3,9 +3,15 @@
 Definitions (docs/topics.md repeats them for consumers of `Transcript.analytics`):
 
 - **talk intervals** of a role: its words' [start, end] intervals, where two consecutive words are joined into one
-  interval when the pause between them is shorter than `TALK_GAP_S` and no other role says a word in that pause.
-  So a speaker's short pauses (commas, breathing, sentence ends) are talk, and a pause in which the other party
-  answers is not;
+  interval when the pause between them is shorter than `TALK_GAP_S` and no other role starts a word in that pause.
+  So a speaker's short pauses (commas, breathing, sentence ends) are talk, also while the other party talks over
+  them, and a pause in which the other party answers is not;
+- **edges**: Whisper's word timestamps are only accurate to a few tenths of a second at the start and end of an
+  utterance (the first and last word are often stretched into the silence around them, sometimes they start
+  late). When the engine passes the audio (it does), each talk interval's start and end are moved to the start
+  of the first and the end of the last stretch of the channel's audio louder than its speech level minus
+  `VOICE_RELATIVE_DB` that the interval overlaps, by at most `SNAP_WINDOW_S`. Without audio, the first and last
+  word of each interval are cut to a plausible duration for their length instead (`EDGE_BASE_S`);
 - **talk_seconds**: the total length of a role's talk intervals;
 - **non_talk_seconds**: the call's duration (`Transcript.audio_seconds`) minus the time in which at least one role
   talks (the union of all talk intervals): silence, hold, and the lead-in and tail of the recording;
@@ -22,7 +28,10 @@ sidecar): see tests/integration/test_transcriber_analytics.py for the comparison
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
 
 from callstream.v1 import events_pb2
 
@@ -31,33 +40,126 @@ from callstream.v1 import events_pb2
 TALK_GAP_S = 1.0
 # A role talking into another's speech for less than this is a quick reply, not an interruption.
 MIN_OVERLAP_S = 0.3
+# Whisper's word timestamps stretch the first and last word of an utterance into the silence around it (by up to
+# 0.4-0.5 s on the sample calls). A talk interval's edge word is therefore cut to a plausible duration for its
+# length: EDGE_BASE_S + EDGE_PER_LETTER_S per letter (a digit counts as DIGIT_LETTERS letters, "seven").
+EDGE_BASE_S = 0.12
+EDGE_PER_LETTER_S = 0.07
+DIGIT_LETTERS = 4
+# Audio louder than a channel's speech level (95th percentile of its 10 ms frames) minus this is voice.
+VOICE_RELATIVE_DB = -30.0
+VOICE_FRAME_S = 0.01
+# Quieter stretches shorter than this inside speech (stop consonants) do not split it; voice shorter than
+# VOICE_MIN_S (a click) is not speech.
+VOICE_MERGE_GAP_S = 0.25
+VOICE_MIN_S = 0.05
+# How far the audio may move a talk interval's start or end.
+SNAP_WINDOW_S = 0.5
 
 Interval = tuple[float, float]
 
 
-def talk_intervals(
-    words: Sequence[Interval], others: Sequence[Interval] = (), gap_s: float = TALK_GAP_S
+def voiced_intervals(clips: Iterable[tuple[float, np.ndarray]], sample_rate: int = 16000) -> list[Interval]:
+    """Where one channel's audio is voice, from its speech clips: (start in seconds, samples) each.
+
+    The engine passes its VAD clips (speech with some padding); everything outside them is silence anyway.
+    """
+    frame = max(1, int(sample_rate * VOICE_FRAME_S))
+    levels: list[tuple[float, np.ndarray]] = []
+    for start, samples in clips:
+        n = samples.size // frame
+        if n:
+            blocks = samples[: n * frame].astype(np.float64).reshape(n, frame)
+            levels.append((start, np.sqrt(np.mean(blocks**2, axis=1))))
+    if not levels:
+        return []
+    every = np.concatenate([rms for _, rms in levels])
+    # relative to the speech level, and above the noise floor of the clips (their quietest frames)
+    threshold = max(
+        float(np.percentile(every, 95)) * 10 ** (VOICE_RELATIVE_DB / 20), 4 * float(np.percentile(every, 10)), 1e-4
+    )
+    step = frame / sample_rate
+    runs: list[Interval] = []
+    for start, rms in levels:
+        loud = np.flatnonzero(rms > threshold)
+        if not loud.size:
+            continue
+        breaks = np.flatnonzero(np.diff(loud) > 1)
+        for first, last in zip(np.r_[loud[0], loud[breaks + 1]], np.r_[loud[breaks], loud[-1]], strict=True):
+            runs.append((start + float(first) * step, start + float(last + 1) * step))
+    merged: list[Interval] = []
+    for run in sorted(runs):
+        if merged and run[0] - merged[-1][1] < VOICE_MERGE_GAP_S:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], run[1]))
+        else:
+            merged.append(run)
+    return [run for run in merged if run[1] - run[0] >= VOICE_MIN_S]
+
+
+def snap_to_voice(
+    intervals: Sequence[Interval], voiced: Sequence[Interval], window_s: float = SNAP_WINDOW_S
 ) -> list[Interval]:
-    """One role's talk intervals from its word intervals; `others` are the other roles' word intervals."""
-    others_sorted = sorted(others)
-    starts = [s for s, _ in others_sorted]
-    # Running maximum of the other roles' word ends: "does any word that starts before t end after u?"
-    max_end: list[float] = []
-    for _, end in others_sorted:
-        max_end.append(max(end, max_end[-1]) if max_end else end)
+    """Talk intervals with their edges moved to the voice they overlap (by at most `window_s`)."""
+    starts = [v[0] for v in voiced]
+    snapped: list[Interval] = []
+    for start, end in intervals:
+        # the voiced stretches that overlap (start, end)
+        first = bisect.bisect_left(starts, end)
+        near = [v for v in voiced[:first] if v[1] > start]
+        if not near:
+            snapped.append((start, end))
+            continue
+        new_start = max(near[0][0], start - window_s)
+        new_end = min(near[-1][1], end + window_s)
+        snapped.append((new_start, max(new_start, new_end)))
+    return snapped
 
-    def someone_else_talks(start: float, end: float) -> bool:
-        i = bisect.bisect_left(starts, end)
-        return i > 0 and max_end[i - 1] > start
 
-    intervals: list[Interval] = []
-    for start, end in sorted((s, max(s, e)) for s, e in words):
-        if intervals:
-            last_start, last_end = intervals[-1]
-            if start <= last_end or (start - last_end < gap_s and not someone_else_talks(last_end, start)):
-                intervals[-1] = (last_start, max(last_end, end))
+def plausible_seconds(word: str) -> float:
+    """How long a word of this length takes to say, at most: what an edge word is cut to."""
+    letters = sum(1 for ch in word if ch.isalpha()) + DIGIT_LETTERS * sum(1 for ch in word if ch.isdigit())
+    return EDGE_BASE_S + EDGE_PER_LETTER_S * max(1, letters)
+
+
+def talk_intervals(
+    words: Sequence[Interval],
+    others: Sequence[Interval] = (),
+    gap_s: float = TALK_GAP_S,
+    texts: Sequence[str] | None = None,
+) -> list[Interval]:
+    """One role's talk intervals from its word intervals; `others` are the other roles' word intervals.
+
+    With the words' `texts`, each interval's first and last word are cut to `plausible_seconds` (see EDGE_BASE_S).
+    """
+    starts = sorted(s for s, _ in others)
+
+    def someone_else_starts(start: float, end: float) -> bool:
+        """Does another role start a word in (start, end): an answer in the pause, not talk over it?"""
+        i = bisect.bisect_right(starts, start)
+        return i < len(starts) and starts[i] < end
+
+    # [start, end, index of the first word, index of the last word (the one that ends last)]
+    found: list[list[Any]] = []
+    for i in sorted(range(len(words)), key=lambda i: (words[i][0], words[i][1])):
+        start, end = words[i][0], max(words[i])
+        if found:
+            current = found[-1]
+            if start <= current[1] or (start - current[1] < gap_s and not someone_else_starts(current[1], start)):
+                if end >= current[1]:
+                    current[1], current[3] = end, i
                 continue
-        intervals.append((start, end))
+        found.append([start, end, i, i])
+    if texts is None:
+        return [(start, end) for start, end, _, _ in found]
+    intervals: list[Interval] = []
+    for start, end, first, last in found:
+        if first == last:  # one word: keep a plausible duration around its middle
+            half = min(end - start, plausible_seconds(texts[first])) / 2
+            intervals.append(((start + end) / 2 - half, (start + end) / 2 + half))
+            continue
+        trimmed_start = max(start, max(words[first]) - plausible_seconds(texts[first]))
+        trimmed_end = min(end, words[last][0] + plausible_seconds(texts[last]))
+        intervals.append((trimmed_start, max(trimmed_start, trimmed_end)))
     return intervals
 
 
@@ -94,19 +196,32 @@ def interruptions(
 
 
 def compute_analytics(
-    transcript: events_pb2.Transcript, talk_gap_s: float = TALK_GAP_S, min_overlap_s: float = MIN_OVERLAP_S
+    transcript: events_pb2.Transcript,
+    voiced: Mapping[int, Sequence[Interval]] | None = None,
+    talk_gap_s: float = TALK_GAP_S,
+    min_overlap_s: float = MIN_OVERLAP_S,
+    trim_edges: bool = True,
 ) -> events_pb2.CallAnalytics:
-    """The CallAnalytics of a transcript, from its segments' word timestamps (roles in channel order)."""
+    """The CallAnalytics of a transcript, from its segments' word timestamps (roles in channel order).
+
+    `voiced`: per channel, where its audio is voice (`voiced_intervals`), to refine the edges of talk intervals.
+    `trim_edges=False` takes word timestamps as they are (no cut of stretched edge words).
+    """
     words: dict[str, list[Interval]] = {}
-    channel_of: dict[str, int] = {}
+    texts: dict[str, list[str]] = {}
+    channels: dict[str, set[int]] = {}
     for segment in transcript.segments:
-        channel_of.setdefault(segment.role, segment.channel)
+        channels.setdefault(segment.role, set()).add(segment.channel)
         words.setdefault(segment.role, []).extend((w.start, w.end) for w in segment.words)
-    roles = sorted(words, key=lambda r: (channel_of[r], r))
+        texts.setdefault(segment.role, []).extend(w.text for w in segment.words)
+    roles = sorted(words, key=lambda r: (min(channels[r]), r))
     intervals: dict[str, list[Interval]] = {}
     for role in roles:
         others = [iv for r in roles if r != role for iv in words[r]]
-        intervals[role] = talk_intervals(words[role], others, talk_gap_s)
+        intervals[role] = talk_intervals(words[role], others, talk_gap_s, texts[role] if trim_edges else None)
+        if voiced:
+            voice = sorted(v for channel in channels[role] for v in voiced.get(channel, ()))
+            intervals[role] = snap_to_voice(intervals[role], voice)
     last_word = max((end for ivs in intervals.values() for _, end in ivs), default=0.0)
     duration = transcript.audio_seconds or last_word
     talking = union_seconds(iv for ivs in intervals.values() for iv in ivs)

@@ -18,7 +18,8 @@ is a sequence of digit atoms with at most three separators between neighbours, a
 time (a number read in pieces across the other party's "okay" stays one run: the other channel's words are not
 in between). A run is, in this order:
 
-1. a Luhn-valid stretch of 13-19 digits (on atom boundaries): `card_number`, in any context;
+1. with a Luhn-valid stretch of 13-19 digits (on atom boundaries): `card_number`, in any context, the whole run
+   (digits read on before or after the card number, such as the expiry date, go with it);
 2. written like a US social security number (123-45-6789): `national_id`; written like a phone number
    ((415) 555-0123, 415-555-0123, 1 415 555 0123, +44 20 7946 0958): `phone`;
 3. 6+ digits after a national id word (social security, SSN, passport, ...): `national_id`; 6+ digits after an
@@ -91,7 +92,8 @@ _ZERO_LETTERS = {"oh", "o"}
 # Words ASR writes for a spoken digit; digits only between two single digits ("three to five" stays short).
 _HOMOPHONES = {"for": "4", "to": "2", "too": "2", "won": "1", "ate": "8"}
 _FILLERS = {"uh", "um", "umm", "er", "erm", "ah", "uhm", "hmm", "mm"}
-_SEPARATORS = set("-.()+,")
+# ' too: tiny.en sometimes writes spoken digits as 5' 7' 2'
+_SEPARATORS = set("-.()+,'")
 _CURRENCY_SIGNS = set("$€£¥")
 _AMOUNT_WORDS = {
     "dollar", "dollars", "cent", "cents", "euro", "euros", "pound", "pounds", "pence", "bucks", "usd", "eur",
@@ -355,12 +357,27 @@ def _atoms(text: str, tokens: Sequence[_Token], taken: Sequence[_Span]) -> list[
     return atoms
 
 
-def _neighbour(atoms: Sequence[_Atom], i: int, step: int) -> _Atom | None:
-    """The nearest atom before (step -1) or after (+1) atom i that is not a separator or filler."""
+def _neighbour_index(atoms: Sequence[_Atom], i: int, step: int) -> int | None:
+    """Index of the nearest atom before (step -1) or after (+1) atom i that is not a separator or filler."""
     j = i + step
     while 0 <= j < len(atoms) and atoms[j].kind in ("sep", "filler"):
         j += step
-    return atoms[j] if 0 <= j < len(atoms) else None
+    return j if 0 <= j < len(atoms) else None
+
+
+def _neighbour(atoms: Sequence[_Atom], i: int, step: int) -> _Atom | None:
+    j = _neighbour_index(atoms, i, step)
+    return None if j is None else atoms[j]
+
+
+def _single_digits(atoms: Sequence[_Atom], i: int, step: int) -> int:
+    """How many single-digit atoms follow atom i in direction `step` (separators between them skipped)."""
+    count = 0
+    while (j := _neighbour_index(atoms, i, step)) is not None and atoms[j].kind == "digit":
+        if len(atoms[j].value) != 1:
+            break
+        count, i = count + 1, j
+    return count
 
 
 def _resolve_spoken(atoms: list[_Atom]) -> None:
@@ -398,8 +415,10 @@ def _resolve_spoken(atoms: list[_Atom]) -> None:
                     atom.kind, atom.value, changed = "digit", "0", True
     for i, atom in enumerate(atoms):
         if atom.kind == "maybe" and atom.text.lower() in _HOMOPHONES:
-            near = [_neighbour(atoms, i, -1), _neighbour(atoms, i, 1)]
-            if all(n is not None and n.kind == "digit" and len(n.value) == 1 for n in near):
+            before, after = _single_digits(atoms, i, -1), _single_digits(atoms, i, 1)
+            # between two single digits, or at either end of a row of them ("it is for 5 7 2 1 8"); "three to
+            # five" stays three digits, "wait for 5 minutes" stays as it is
+            if (before and after) or max(before, after) >= 3:
                 atom.kind, atom.value = "digit", _HOMOPHONES[atom.text.lower()]
     for atom in atoms:
         if atom.kind == "maybe":
@@ -456,8 +475,9 @@ def _classify_run(text: str, atoms: Sequence[_Atom], run: list[int], context: tu
     if not run:
         return []
     values = [atoms[i].value for i in run]
-    # 1. a card number anywhere in the run (even if written like an amount: ASR may group digits in thousands);
-    # what is left on either side is classified on its own
+    # 1. a card number anywhere in the run (even if written like an amount: ASR may group digits in thousands).
+    # The whole run goes with it: digits read on before or after it (expiry date, security code, or digits the
+    # ASR repeated or split off) are part of the same reading.
     best: tuple[int, int] | None = None
     for i in range(len(run)):
         total = 0
@@ -469,12 +489,7 @@ def _classify_run(text: str, atoms: Sequence[_Atom], run: list[int], context: tu
             if total >= 13 and longer and luhn_valid("".join(values[i : j + 1])):
                 best = (i, j)
     if best is not None:
-        i, j = best
-        return [
-            *_classify_run(text, atoms, run[:i], context),
-            _digit_span(CARD_NUMBER, text, atoms, run[i : j + 1]),
-            *_classify_run(text, atoms, run[j + 1 :], context),
-        ]
+        return [_digit_span(CARD_NUMBER, text, atoms, run)]
     if _is_amount(text, atoms, run):
         return []
     kind = _kind_of(text, atoms, run, context)

@@ -58,6 +58,10 @@ MIN_RATE, MAX_RATE, MAX_CHANNELS = 8000, 48000, 8
 
 # Audio kept in front of speech that has not started yet, so that an onset keeps its context (VAD pads less).
 _LEAD_SAMPLES = SAMPLE_RATE // 2
+# An utterance shorter than this is held and joined to the next one, unless `_HOLD_SILENCE` follows it: alone, a
+# word like "ask" before a dramatic pause is a guess for Whisper ("S"), with the next words it is right.
+_MIN_UTTERANCE = SAMPLE_RATE
+_HOLD_SILENCE = SAMPLE_RATE
 # The longest pause that VAD padding adds around speech; half the endpoint silence when that is shorter.
 _SPEECH_PAD_MS = 200
 # Final words of the call before a result that its PII redaction sees as context.
@@ -298,19 +302,43 @@ class Plan:
 
 
 def plan_endpoints(
-    length: int, speech: Sequence[Mapping[str, int]], *, at_end: bool, max_segment: int, lead: int = _LEAD_SAMPLES
+    length: int,
+    speech: Sequence[Mapping[str, int]],
+    *,
+    at_end: bool,
+    max_segment: int,
+    lead: int = _LEAD_SAMPLES,
+    min_utterance: int = _MIN_UTTERANCE,
+    hold_silence: int = _HOLD_SILENCE,
 ) -> Plan:
-    """Closed utterances become finals; running speech stays pending (forced final past `max_segment`)."""
+    """Closed utterances become finals; running speech stays pending (forced final past `max_segment`).
+
+    A closed utterance shorter than `min_utterance` waits for the next one and goes with it, unless
+    `hold_silence` of silence follows it (then it goes alone). At the end of the call everything goes, short
+    utterances still joined to the next.
+    """
     spans = [(int(s["start"]), min(int(s["end"]), length)) for s in speech if int(s["end"]) > int(s["start"])]
+    running = None if at_end or not spans or spans[-1][1] < length else spans[-1]
+    closed = spans if running is None else spans[:-1]
+    finals: list[tuple[int, int]] = []
+    held: int | None = None  # start of short closed speech waiting for more
+    for i, (start, end) in enumerate(closed):
+        held = start if held is None else held
+        next_start = spans[i + 1][0] if i + 1 < len(spans) else length
+        last = at_end and i == len(closed) - 1
+        if last or end - held >= min_utterance or next_start - end >= hold_silence:
+            finals.append((held, end))
+            held = None
     if at_end:
-        return Plan(finals=spans, consumed=length, open_start=None)
-    running = spans[-1] if spans and spans[-1][1] >= length else None
-    finals = [s for s in spans if s[1] < length]
-    if running is not None and length - running[0] >= max_segment:
-        # No pause to split at (the VAD splits long speech itself): cut here rather than outgrow Whisper's 30 s.
-        return Plan(finals=[*finals, running], consumed=length, open_start=None)
+        return Plan(finals=finals, consumed=length, open_start=None)
     if running is not None:
-        return Plan(finals=finals, consumed=running[0], open_start=running[0])
+        open_start = running[0] if held is None else held
+        if length - open_start >= max_segment:
+            # No pause to split at (the VAD splits long speech itself): cut here rather than outgrow Whisper's 30 s.
+            return Plan(finals=[*finals, (open_start, length)], consumed=length, open_start=None)
+        return Plan(finals=finals, consumed=open_start, open_start=open_start)
+    if held is not None:
+        return Plan(finals=finals, consumed=held, open_start=None)
     if finals:
         return Plan(finals=finals, consumed=finals[-1][1], open_start=None)
     return Plan(finals=[], consumed=max(0, length - lead), open_start=None)
