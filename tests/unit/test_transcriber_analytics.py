@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from callstream.transcriber.analytics import (
@@ -9,8 +10,11 @@ from callstream.transcriber.analytics import (
     TALK_GAP_S,
     compute_analytics,
     interruptions,
+    plausible_seconds,
+    snap_to_voice,
     talk_intervals,
     union_seconds,
+    voiced_intervals,
 )
 from callstream.transcriber.postprocess import finalize_transcript
 from callstream.transcriber.settings import TranscriberSettings
@@ -74,7 +78,7 @@ def test_a_two_channel_call() -> None:
             words("customer", 1, (15.0, 16.0)),  # after 6 s of silence
         ],
     )
-    analytics = compute_analytics(transcript)
+    analytics = compute_analytics(transcript, trim_edges=False)
     assert [r.role for r in analytics.roles] == ["agent", "customer"]
     agent, customer = by_role(analytics)["agent"], by_role(analytics)["customer"]
     assert agent.talk_seconds == pytest.approx(2.0 + 2.0)
@@ -94,7 +98,9 @@ def test_roles_come_in_channel_order_and_a_mono_call_has_one() -> None:
         segments=[words("customer", 1, (0.0, 1.0)), words("agent", 0, (2.0, 3.0)), words("customer", 1, (4.0, 5.0))]
     )
     assert [r.role for r in compute_analytics(transcript).roles] == ["agent", "customer"]
-    mono = compute_analytics(events_pb2.Transcript(audio_seconds=10.0, segments=[words("speaker", 0, (2.0, 4.0))]))
+    mono = compute_analytics(
+        events_pb2.Transcript(audio_seconds=10.0, segments=[words("speaker", 0, (2.0, 4.0))]), trim_edges=False
+    )
     (speaker,) = mono.roles
     assert (speaker.role, speaker.talk_seconds, speaker.interruptions) == ("speaker", pytest.approx(2.0), 0)
     assert mono.non_talk_seconds == pytest.approx(8.0)
@@ -104,8 +110,43 @@ def test_no_words_and_no_duration() -> None:
     empty = compute_analytics(events_pb2.Transcript(audio_seconds=3.0))
     assert (empty.duration_seconds, empty.non_talk_seconds, len(empty.roles)) == (3.0, 3.0, 0)
     # without audio_seconds, the call lasts until its last word
-    unknown = compute_analytics(events_pb2.Transcript(segments=[words("agent", 0, (1.0, 2.0))]))
+    unknown = compute_analytics(events_pb2.Transcript(segments=[words("agent", 0, (1.0, 2.0))]), trim_edges=False)
     assert (unknown.duration_seconds, unknown.non_talk_seconds) == (2.0, pytest.approx(1.0))
+
+
+def test_stretched_edge_words_are_cut_to_a_plausible_length() -> None:
+    assert plausible_seconds("I") == pytest.approx(0.19) and plausible_seconds("there.") == pytest.approx(0.47)
+    assert plausible_seconds("42") == pytest.approx(0.12 + 0.07 * 8)  # digits are read as words ("four two")
+    # Whisper often starts the first word of an utterance early and ends the last one late
+    words_ = [(4.0, 4.8), (4.9, 5.2), (5.3, 6.3)]
+    assert talk_intervals(words_, texts=["I", "was", "there."]) == [(pytest.approx(4.61), pytest.approx(5.77))]
+    # short edge words stay; one stretched word keeps a plausible length around its middle
+    assert talk_intervals([(1.0, 1.15), (1.3, 1.45)], texts=["a", "b"]) == [(1.0, 1.45)]
+    ((start, end),) = talk_intervals([(1.0, 2.0)], texts=["I"])
+    assert (start, end) == (pytest.approx(1.405), pytest.approx(1.595))
+
+
+def test_the_audio_places_the_edges_of_talk() -> None:
+    rate = 16000
+    # voice from 1.00 to 2.50 s and from 2.70 to 3.00 s (a 0.2 s stop inside speech), a click at 5.0 s
+    samples = np.zeros(6 * rate, dtype=np.float32)
+    samples[rate : int(2.5 * rate)] = 0.3
+    samples[int(2.7 * rate) : 3 * rate] = 0.2
+    samples[5 * rate : 5 * rate + 160] = 0.5
+    noise = np.random.default_rng(0).normal(0, 0.001, samples.size).astype(np.float32)
+    # given as two VAD clips with padding, as the engine has them
+    clips = [(0.5, (samples + noise)[rate // 2 : int(3.4 * rate)]), (4.6, (samples + noise)[int(4.6 * rate) :])]
+    ((start, end),) = voiced_intervals(clips, rate)
+    assert (start, end) == (pytest.approx(1.0, abs=0.011), pytest.approx(3.0, abs=0.011))
+    assert voiced_intervals([]) == [] and voiced_intervals([(0.0, np.zeros(100, np.float32))]) == []
+    voice = [(1.0, 3.0), (6.0, 7.0)]
+    # words stretched into silence shrink to the voice; words that start late grow back, by 0.5 s at most
+    assert snap_to_voice([(0.7, 3.3), (8.0, 9.0)], voice) == [(1.0, 3.0), (8.0, 9.0)]
+    assert snap_to_voice([(1.2, 2.5), (6.8, 6.9)], voice) == [(1.0, 3.0), (6.3, 7.0)]
+    # in compute_analytics, per channel of each role
+    transcript = events_pb2.Transcript(audio_seconds=10.0, segments=[words("agent", 0, (0.6, 1.5), (1.6, 3.4))])
+    (agent,) = compute_analytics(transcript, voiced={0: [(1.0, 3.0)], 1: [(4.0, 9.0)]}).roles
+    assert agent.talk_seconds == pytest.approx(2.0)
 
 
 def test_finalize_computes_analytics_before_redacting() -> None:
@@ -141,7 +182,7 @@ def test_callstream_transcribe_prints_the_analytics_in_one_line() -> None:
         redactions={"phone": 1, "card_number": 2},
         pii_policy="mask",
     )
-    transcript.analytics.CopyFrom(compute_analytics(transcript))
+    transcript.analytics.CopyFrom(compute_analytics(transcript, trim_edges=False))
     assert format_analytics(transcript) == (
         "-- agent talks 2.0 s (60 wpm), 0 interruptions; customer talks 1.5 s (40 wpm), 1 interruption; "
         "non-talk 7.0 s; PII (mask): 2 card_number, 1 phone redacted"

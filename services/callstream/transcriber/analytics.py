@@ -10,8 +10,9 @@ Definitions (docs/topics.md repeats them for consumers of `Transcript.analytics`
   utterance (the first and last word are often stretched into the silence around them, sometimes they start
   late). When the engine passes the audio (it does), each talk interval's start and end are moved to the start
   of the first and the end of the last stretch of the channel's audio louder than its speech level minus
-  `VOICE_RELATIVE_DB` that the interval overlaps, by at most `SNAP_WINDOW_S`. Without audio, the first and last
-  word of each interval are cut to a plausible duration for their length instead (`EDGE_BASE_S`);
+  `VOICE_RELATIVE_DB` that the interval overlaps (earlier or later by at most `SNAP_WINDOW_S`). Without audio,
+  the first and last word of each interval are cut to a plausible duration for their length instead
+  (`EDGE_BASE_S`);
 - **talk_seconds**: the total length of a role's talk intervals;
 - **non_talk_seconds**: the call's duration (`Transcript.audio_seconds`) minus the time in which at least one role
   talks (the union of all talk intervals): silence, hold, and the lead-in and tail of the recording;
@@ -218,10 +219,11 @@ def compute_analytics(
     intervals: dict[str, list[Interval]] = {}
     for role in roles:
         others = [iv for r in roles if r != role for iv in words[r]]
-        intervals[role] = talk_intervals(words[role], others, talk_gap_s, texts[role] if trim_edges else None)
-        if voiced:
-            voice = sorted(v for channel in channels[role] for v in voiced.get(channel, ()))
-            intervals[role] = snap_to_voice(intervals[role], voice)
+        voice = sorted(v for channel in channels[role] for v in (voiced or {}).get(channel, ()))
+        if voice:  # the audio places the edges; cutting edge words first would only limit how far they can move
+            intervals[role] = snap_to_voice(talk_intervals(words[role], others, talk_gap_s), voice)
+        else:
+            intervals[role] = talk_intervals(words[role], others, talk_gap_s, texts[role] if trim_edges else None)
     last_word = max((end for ivs in intervals.values() for _, end in ivs), default=0.0)
     duration = transcript.audio_seconds or last_word
     talking = union_seconds(iv for ivs in intervals.values() for iv in ivs)
