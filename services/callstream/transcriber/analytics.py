@@ -1,11 +1,11 @@
-"""Call analytics from word timestamps: talk time, non-talk time, interruptions and speaking rate per role.
+"""Call analytics from word timestamps (and the audio): talk and non-talk time, interruptions, speaking rate.
 
 Definitions (docs/topics.md repeats them for consumers of `Transcript.analytics`):
 
 - **talk intervals** of a role: its words' [start, end] intervals, where two consecutive words are joined into one
-  interval when the pause between them is shorter than `TALK_GAP_S` and no other role starts a word in that pause.
-  So a speaker's short pauses (commas, breathing, sentence ends) are talk, also while the other party talks over
-  them, and a pause in which the other party answers is not;
+  interval when the pause between them is shorter than `TALK_GAP_S` and no other role starts talking in that
+  pause (begins a stretch of its own words). So a speaker's short pauses (commas, breathing, sentence ends) are
+  talk, also while the other party talks over them, and a pause in which the other party answers is not;
 - **edges**: Whisper's word timestamps are only accurate to a few tenths of a second at the start and end of an
   utterance (the first and last word are often stretched into the silence around them, sometimes they start
   late). When the engine passes the audio (it does), each talk interval's start and end are moved to the start
@@ -22,8 +22,11 @@ Definitions (docs/topics.md repeats them for consumers of `Transcript.analytics`
   accurate to about a tenth of a second, so a quick reply would otherwise look like an interruption;
 - **words_per_minute**: the role's words divided by its talk time.
 
-Tuned on the synthesized sample calls (samples/calls, rendered by synth.py with each turn's speech span in the
-sidecar): see tests/integration/test_transcriber_analytics.py for the comparison with that ground truth.
+Measured on the four synthesized sample calls (samples/calls, rendered by synth.py with each turn's speech span in
+the sidecar as ground truth; tiny.en): talk time per role and non-talk time within 0.08 s of the ground truth with
+the audio, within 0.64 s with edge words cut (no audio), within 2.05 s from raw word timestamps; the scripted
+interruption found (overlap 1.22 s for 1.20 s), no false ones. tests/integration/test_transcriber_analytics.py
+checks the 0.5 s bound.
 """
 
 from __future__ import annotations
@@ -128,14 +131,16 @@ def talk_intervals(
     gap_s: float = TALK_GAP_S,
     texts: Sequence[str] | None = None,
 ) -> list[Interval]:
-    """One role's talk intervals from its word intervals; `others` are the other roles' word intervals.
+    """One role's talk intervals from its word intervals; `others` are the other roles' talk stretches (their
+    words joined over short pauses, `talk_intervals(their_words)`): a pause in which one of them starts is not
+    bridged.
 
     With the words' `texts`, each interval's first and last word are cut to `plausible_seconds` (see EDGE_BASE_S).
     """
     starts = sorted(s for s, _ in others)
 
     def someone_else_starts(start: float, end: float) -> bool:
-        """Does another role start a word in (start, end): an answer in the pause, not talk over it?"""
+        """Does another role start talking in (start, end): an answer in the pause, not talk over it?"""
         i = bisect.bisect_right(starts, start)
         return i < len(starts) and starts[i] < end
 
@@ -216,9 +221,12 @@ def compute_analytics(
         words.setdefault(segment.role, []).extend((w.start, w.end) for w in segment.words)
         texts.setdefault(segment.role, []).extend(w.text for w in segment.words)
     roles = sorted(words, key=lambda r: (min(channels[r]), r))
+    # Each role's words joined over every short pause: when the others start talking. Someone who talks on while
+    # the other cuts in keeps talking; a pause in which the other starts and answers ends a talk interval.
+    stretches = {role: talk_intervals(words[role], (), talk_gap_s) for role in roles}
     intervals: dict[str, list[Interval]] = {}
     for role in roles:
-        others = [iv for r in roles if r != role for iv in words[r]]
+        others = [iv for r in roles if r != role for iv in stretches[r]]
         voice = sorted(v for channel in channels[role] for v in (voiced or {}).get(channel, ()))
         if voice:  # the audio places the edges; cutting edge words first would only limit how far they can move
             intervals[role] = snap_to_voice(talk_intervals(words[role], others, talk_gap_s), voice)

@@ -12,8 +12,9 @@ policy is `TranscriberSettings.pii_redaction`:
 - `off`: nothing is changed.
 
 Speech recognition writes a spoken number in many ways ("4111 1111 1111 1111", "4111-1111-...", "four one one
-one ...", mixtures, "double five", "oh" for zero), so detection works on atoms of each channel's words: digit
-groups and spoken digits, and the separators between them (spaces, `- . ( ) + ,`, fillers such as "uh"). A *run*
+one ...", mixtures, "double five", "oh" for zero, "for" for four inside a row of digits, tiny.en's "5' 7' 2'"),
+so detection works on atoms of each channel's words: digit groups and spoken digits, and the separators between
+them (spaces, `- . ( ) + , '`, fillers such as "uh"). A *run*
 is a sequence of digit atoms with at most three separators between neighbours, at most `MAX_RUN_GAP_S` apart in
 time (a number read in pieces across the other party's "okay" stays one run: the other channel's words are not
 in between). A run is, in this order:
@@ -247,10 +248,10 @@ def redact_segments(segments: Sequence[_HasWords], policy: Policy | str) -> dict
             continue
         counts.update(span.kind for span in spans)
         words, parts = _apply(text, channel_tokens, spans, policy)
-        for token, word, part in zip(channel_tokens, words, parts, strict=True):
-            new_words.setdefault(token.segment, []).append(word)
+        for token, new_word, part in zip(channel_tokens, words, parts, strict=True):
+            new_words.setdefault(token.segment, []).append(new_word)
             new_texts.setdefault(token.segment, []).append(part)
-            if word != token.text or part != (token.text, token.glued):
+            if new_word != token.text or part != (token.text, token.glued):
                 changed.add(token.segment)
     for index in sorted(changed):
         segment = segments[index]
@@ -415,10 +416,10 @@ def _resolve_spoken(atoms: list[_Atom]) -> None:
                     atom.kind, atom.value, changed = "digit", "0", True
     for i, atom in enumerate(atoms):
         if atom.kind == "maybe" and atom.text.lower() in _HOMOPHONES:
-            before, after = _single_digits(atoms, i, -1), _single_digits(atoms, i, 1)
+            left, right = _single_digits(atoms, i, -1), _single_digits(atoms, i, 1)
             # between two single digits, or at either end of a row of them ("it is for 5 7 2 1 8"); "three to
             # five" stays three digits, "wait for 5 minutes" stays as it is
-            if (before and after) or max(before, after) >= 3:
+            if (left and right) or max(left, right) >= 3:
                 atom.kind, atom.value = "digit", _HOMOPHONES[atom.text.lower()]
     for atom in atoms:
         if atom.kind == "maybe":

@@ -12,6 +12,7 @@ call, the Transcript out. Sessions are in streaming.py, the Kafka side in stream
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -91,8 +92,10 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServiceServicer):
         request_iterator: AsyncIterator[transcriber_pb2.StreamingTranscribeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[transcriber_pb2.StreamingTranscribeResponse]:
-        async for response in serve_stream(self.sessions, request_iterator, context):
-            yield response
+        # aclosing: when the RPC ends early (the client cancels), the inner generator and its session close at once.
+        async with contextlib.aclosing(serve_stream(self.sessions, request_iterator, context)) as responses:
+            async for response in responses:
+                yield response
 
 
 class TranscriberKafkaHandler:

@@ -4,7 +4,8 @@ Per call (a session) and per channel, audio is decoded (LINEAR16 or G.711 mu-law
 and appended to the channel's pending buffer. Silero VAD (faster-whisper's `get_speech_timestamps`) then looks at
 the pending buffer:
 - speech followed by `streaming_endpoint_silence_ms` of silence is an utterance: it is transcribed and sent as a
-  final result, and the buffer moves past it;
+  final result, and the buffer moves past it (an utterance under 1 s waits to go with the next one, unless 1 s of
+  silence follows it: Whisper does badly on a word heard alone);
 - speech running past `streaming_max_segment_s` is finalized at its last short pause (the VAD splits it there);
 - while a channel speaks, every `streaming_interim_interval_ms` of audio its pending speech is transcribed as an
   interim result, unless the channel's previous interim is still running: interims never pile up in front of
@@ -754,7 +755,7 @@ class StreamingSessions:
             "call %s: live session opened (%s, %s %d Hz x%d, interim results %s)",
             config.call_id,
             source,
-            ENCODING_NAMES[config.encoding],
+            events_pb2.StreamingConfig.Encoding.Name(config.encoding),  # type: ignore[arg-type]
             config.sample_rate,
             config.channels,
             "on" if config.interim_results else "off",
