@@ -182,8 +182,8 @@ def starter_classifier() -> str:
 @pytest.fixture(scope="session")
 def banking77_classifier() -> str:
     """A few-shot SetFit classifier trained from banking77 train, cached between runs by the data's hash."""
-    from callstream.router.classifier import load_classifier, train_classifier
     from callstream.core.settings import callstream_home
+    from callstream.router.classifier import load_classifier, train_classifier
     from tests.conftest import shared
 
     train_csv = shared("banking77", "train.csv")

@@ -371,16 +371,16 @@ class FasterWhisperEngine:
             words = self._collect_words(window, output)
             shared = len({id(p.channel) for p in window.pieces}) > 1
             for piece in window.pieces:
-                mine = words.get(id(piece), [])
+                clip_words = words.get(id(piece), [])
                 if (
                     shared
                     and piece.seconds >= _MIN_REPAIR_SECONDS
-                    and len(mine) < _MIN_WORDS_PER_SECOND * piece.seconds
+                    and len(clip_words) < _MIN_WORDS_PER_SECOND * piece.seconds
                 ):
                     # Whisper sometimes passes over a clip of a packed window: decode it again.
                     missed.append(_Piece(piece.job, piece.channel, piece.clip))
                 else:
-                    piece.channel.words.extend(mine)
+                    piece.channel.words.extend(clip_words)
         if missed:
             # Decode them again: packed together once more (other neighbours; a cheap second chance), then alone.
             log.info("re-decoding %d clip(s) that a packed window passed over (attempt %d)", len(missed), attempt + 1)

@@ -32,7 +32,7 @@ import io
 import logging
 import time
 import wave
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -775,7 +775,7 @@ async def serve_stream(
     sessions: StreamingSessions,
     requests: AsyncIterator[transcriber_pb2.StreamingTranscribeRequest],
     context: grpc.aio.ServicerContext,
-) -> AsyncIterator[transcriber_pb2.StreamingTranscribeResponse]:
+) -> AsyncGenerator[transcriber_pb2.StreamingTranscribeResponse, None]:
     """StreamingTranscribe: read audio in one task, send results as the session produces them."""
     iterator = aiter(requests)
     first = await anext(iterator, None)
