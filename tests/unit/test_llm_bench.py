@@ -60,7 +60,7 @@ def test_agreement_and_ratios() -> None:
 
 
 @contextlib.asynccontextmanager
-async def engine(**overrides: int) -> AsyncIterator[str]:
+async def engine(**overrides: int | bool) -> AsyncIterator[str]:
     settings = LlmEngineSettings(grpc_port=free_port(), metrics_port=0, n_ctx=4 * 512, max_sequences=4, **overrides)
     ready, stop = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(run_service(build_runtime(settings), ready=ready, stop=stop))
@@ -77,10 +77,10 @@ def test_every_mode_serves_the_same_requests_with_the_same_tokens(tokenizer) -> 
 
     async def main() -> dict[str, RunResult]:
         out = {}
-        async with engine() as address:
-            # As the benchmark does: every slot first serves a short request, so that every mode finds the shared
-            # prompt prefix cached (a prompt computed whole and one computed after a cached prefix can differ in
-            # a near-tie greedy token; see docs/llm-engine.md).
+        # Prefix cache off: with it, how much of a prompt is reused depends on which slot a request lands in (a
+        # matter of timing), and a prompt computed in other pieces can differ in a near-tie greedy token (see
+        # docs/llm-engine.md). Without it every request is computed the same way in every mode.
+        async with engine(prefix_cache=False) as address:
             await _warm_up(address, requests)
             for mode in ("sequential", "continuous", "static", "static_padded"):
                 out[mode] = await run_mode(address, mode, requests, 2, 0.5, 0.0, mode)
