@@ -3,7 +3,8 @@
 For each back end (torch, onnx, onnx-int8) and batch size (1, 32, 256), in the same run:
 - "bare": IntentClassifier.predict on batches of N texts in this process (what SetFit predict costs);
 - "grpc": Classify requests of N texts each to a `callstream serve router` child process on the same model and
-  back end (consume off, the batcher's max batch set to the largest N), `--concurrency` requests in flight;
+  back end (consume off, the batcher's max batch set to N; for single texts to the largest N, so that the requests
+  in flight are batched), `--concurrency` requests in flight;
 - latency: single-text Classify requests sent open-loop at `--rate` texts/s, p50/p95/p99;
 - accuracy of each back end on `--eval-data` (when given), so that speed is compared at known accuracy.
 
@@ -284,18 +285,20 @@ def bench_router(
         for backend in [b.strip() for b in backends.split(",") if b.strip()]:
             if eval_data is not None:
                 accuracy[backend] = round(_accuracy(model, backend, eval_data), 4)
-            server = ServiceProcess(
-                "router",
-                {
-                    "CALLSTREAM_ROUTER_MODEL_DIR": str(model),
-                    "CALLSTREAM_ROUTER_BACKEND": backend,
-                    "CALLSTREAM_ROUTER_CONSUME": "false",
-                    "CALLSTREAM_ROUTER_BATCH__MAX_BATCH_SIZE": str(max(sizes)),
-                },
-            ).start()
-            try:
-                server.wait_ready(300)
-                for batch in sizes:
+            for batch in sizes:
+                # A server whose batcher makes model batches of `batch` texts (single texts: merged up to the
+                # largest size), so that two requests in flight are not merged into one bigger, more padded batch.
+                server = ServiceProcess(
+                    "router",
+                    {
+                        "CALLSTREAM_ROUTER_MODEL_DIR": str(model),
+                        "CALLSTREAM_ROUTER_BACKEND": backend,
+                        "CALLSTREAM_ROUTER_CONSUME": "false",
+                        "CALLSTREAM_ROUTER_BATCH__MAX_BATCH_SIZE": str(batch if batch > 1 else max(sizes)),
+                    },
+                ).start()
+                try:
+                    server.wait_ready(300)
                     # Bare first, while the (idle) server waits; then gRPC, while this process only sends.
                     bare = _bare(model, backend, batch, texts, seconds)
                     flight = concurrency * (32 if batch == 1 else 1)
@@ -305,12 +308,15 @@ def bench_router(
                             {"path": path, "backend": backend, "batch": batch, "texts_per_second": round(tps, 1)}
                         )
                     runs[-1]["grpc_over_bare"] = round(grpc_tps / bare, 3)
-                if rate > 0:
-                    latency.append(
-                        {"backend": backend, **asyncio.run(_grpc_latency(server.address, texts, rate, latency_seconds))}
-                    )
-            finally:
-                server.stop()
+                    if rate > 0 and batch == sizes[0]:
+                        latency.append(
+                            {
+                                "backend": backend,
+                                **asyncio.run(_grpc_latency(server.address, texts, rate, latency_seconds)),
+                            }
+                        )
+                finally:
+                    server.stop()
             if kafka_broker is not None:
                 # After the gRPC server stopped: a consuming router of its own on the local broker.
                 runs += _kafka_runs(kafka_broker, model, backend, sizes, texts, kafka_texts)
