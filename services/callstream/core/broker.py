@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -129,18 +130,27 @@ class LocalBroker:
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
-            # noida-db stops on SIGINT (SIGTERM was seen to hang); Tansu on SIGTERM.
-            self._proc.send_signal(signal.SIGINT if self.kind == "noida" else signal.SIGTERM)
+            # noida-db stops on SIGINT (SIGTERM was seen to hang); Tansu on SIGTERM. To the whole process group
+            # (the broker runs in a session of its own): noida-db's Python launcher starts the broker binary as a
+            # child, which a signal to the launcher alone left running.
+            self._signal_group(signal.SIGINT if self.kind == "noida" else signal.SIGTERM)
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self._proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self._proc.wait(timeout=5)
+        if self._proc is not None:
+            self._signal_group(signal.SIGKILL)  # whatever of the group outlived its leader
         self._proc = None
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()
             self._tmp = None
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, sig)
 
     def __enter__(self) -> LocalBroker:
         return self.start()
