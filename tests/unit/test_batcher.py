@@ -47,6 +47,35 @@ def test_a_lone_request_waits_at_most_max_wait() -> None:
     assert run(go()) < 1.0
 
 
+def test_max_idle_gathers_a_trickle_into_one_batch_and_lets_a_lone_request_go() -> None:
+    seen: list[int] = []
+
+    def record(items: Sequence[int]) -> list[int]:
+        seen.append(len(items))
+        return list(items)
+
+    async def go() -> float:
+        batcher = DynamicBatcher(record, name="t-idle", max_batch_size=16, max_wait_ms=5000, max_idle_ms=200)
+        await batcher.start()
+
+        async def later(i: int) -> int:
+            await asyncio.sleep(0.02 * i)  # one every 20 ms: each within max_idle_ms of the one before
+            return await batcher.submit(i)
+
+        try:
+            await asyncio.gather(*(later(i) for i in range(8)))
+            started = time.perf_counter()
+            await batcher.submit(99)
+            return time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    lone_wait = run(go())
+    assert seen == [8, 1]
+    # The lone request went after max_idle_ms (0.2 s), not after max_wait_ms (5 s).
+    assert lone_wait < 2.5
+
+
 def test_a_failure_returned_for_one_item_fails_only_that_item() -> None:
     def fn(items: Sequence[int]) -> list[int | Exception]:
         return [ValueError(f"bad {i}") if i == 3 else i for i in items]

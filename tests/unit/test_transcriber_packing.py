@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from callstream.transcriber.audio import SAMPLE_RATE, ChannelAudio
-from callstream.transcriber.engine import _Channel, _Job, _Piece, _place_word, pack_windows
+from callstream.transcriber.engine import _Channel, _Job, _Piece, _place_word, _Window, model_batches, pack_windows
 from callstream.v1 import events_pb2
 
 
@@ -71,3 +71,19 @@ def test_a_word_belongs_to_the_clip_holding_its_midpoint_or_the_nearest(middle: 
     a, b = make_job("a", [2.0]), make_job("b", [1.5])
     (window,) = pack_windows(pieces_of(a) + pieces_of(b), max_seconds=30, gap_seconds=0.5, across_channels=True)
     assert _place_word(window, middle).job.call.call_id == call_id
+
+
+def test_model_batches_share_the_windows_fairly_between_workers() -> None:
+    windows = [_Window(samples=n) for n in (5, 30, 10, 25, 20)]
+    batches = model_batches(windows, workers=2, batch_size=8)
+    # Longest first, dealt round-robin: each worker gets every other window, in one batch each.
+    assert [[w.samples for w in b] for b in batches] == [[30, 20, 5], [25, 10]]
+    # One worker, batches of two: faster-whisper's own order (longest first), cut by the batch size.
+    assert [[w.samples for w in b] for b in model_batches(windows, workers=1, batch_size=2)] == [
+        [30, 25],
+        [20, 10],
+        [5],
+    ]
+    # A lone window is one batch; no window, no batch.
+    assert model_batches(windows[:1], workers=2, batch_size=8) == [[windows[0]]]
+    assert model_batches([], workers=2, batch_size=8) == []

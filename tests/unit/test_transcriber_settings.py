@@ -17,7 +17,8 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.model_path == default_model_path() and (s.model_path / "model.bin").is_file()
     assert (s.device, s.compute_type, s.cpu_threads) == ("cpu", "int8", 1)
     assert s.vad_filter is True and s.beam_size >= 1
-    assert (s.batch.max_batch_size, s.batch.max_wait_ms) == (16, 5)
+    assert (s.batch.max_batch_size, s.batch.max_wait_ms, s.batch.max_idle_ms) == (16, 50, 5)
+    assert s.model_workers == 2
     assert s.pack_calls is True and s.pack_gap_s == 1.0
     assert s.default_roles == {0: "agent", 1: "customer"}
     assert s.max_audio_seconds == 3600 and s.max_audio_bytes == 200 * 1024 * 1024
@@ -32,7 +33,7 @@ def test_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("CALLSTREAM_TRANSCRIBER_DEFAULT_ROLES", '{"0": "customer", "1": "agent"}')
     s = TranscriberSettings()
     assert (s.device, s.compute_type, s.model_path) == ("cuda", "float16", tmp_path)
-    assert s.batch.max_batch_size == 32 and s.batch.max_wait_ms == 5  # the other field keeps its default
+    assert s.batch.max_batch_size == 32 and s.batch.max_wait_ms == 50  # the other fields keep their defaults
     assert s.default_roles == {0: "customer", 1: "agent"}
 
 

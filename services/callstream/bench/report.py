@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,7 +50,8 @@ def print_table(
         table.add_column(column, justify="right")
     for run in runs:
         table.add_row(*(_fmt(run.get(c)) for c in columns))
-    (console or Console()).print(table)
+    # Piped output (a log, CI) would otherwise be cut to 80 columns and abbreviate every header.
+    (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
 
 
 def _fmt(value: Any) -> str:

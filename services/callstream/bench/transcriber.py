@@ -291,23 +291,48 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _batch_totals(metrics_port: int) -> tuple[float, float]:
+    """The transcriber batcher's (calls, batches) so far, from the service's Prometheus endpoint."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:  # noqa: S310 - loopback
+        text = response.read().decode()
+    totals = {"callstream_batch_size_sum": 0.0, "callstream_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals and sample.labels.get("batcher") == "transcriber":
+                totals[sample.name] = sample.value
+    return totals["callstream_batch_size_sum"], totals["callstream_batch_size_count"]
+
+
 def run_service(
     calls: list[BenchCall], settings_env: dict[str, str], concurrencies: list[int], rounds: int, mode: str
 ) -> list[dict[str, Any]]:
+    from callstream.core.broker import free_port
     from callstream.core.stack import ServiceProcess
 
-    server = ServiceProcess("transcriber", settings_env).start()
+    metrics_port = free_port()
+    server = ServiceProcess(
+        "transcriber", {**settings_env, "CALLSTREAM_TRANSCRIBER_METRICS_PORT": str(metrics_port)}
+    ).start()
     runs: list[dict[str, Any]] = []
     try:
         server.wait_ready(600)
         assert server.proc is not None
         for concurrency in concurrencies:
+            calls_before, batches_before = _batch_totals(metrics_port)
             hypotheses, latencies, wall = asyncio.run(_service_run(server.address, calls, concurrency, rounds))
             peak = _peak_rss_mb(server.proc.pid)
             runs.append(_run_stats(mode, concurrency, calls, hypotheses, latencies, wall, rounds, peak))
+            calls_after, batches_after = _batch_totals(metrics_port)
+            # Calls per engine batch (the warm-up call included): how full the batches the service formed were.
+            batches = max(batches_after - batches_before, 1)
+            runs[-1]["mean_batch_calls"] = round((calls_after - calls_before) / batches, 2)
             typer.echo(
                 f"{mode:>16} c={concurrency:<3} {runs[-1]['audio_seconds_per_second']:7.1f} audio s/s  "
-                f"WER {runs[-1]['wer']}",
+                f"WER {runs[-1]['wer']}  {runs[-1]['mean_batch_calls']} calls per batch",
                 err=True,
             )
     finally:
@@ -407,7 +432,7 @@ def bench_transcriber(
         runs,
         [
             "mode", "concurrency", "audio_seconds_per_second", "real_time_factor", "calls_per_minute",
-            "latency_p50_s", "latency_p95_s", "wer_real", "wer_generated", "peak_memory_mb",
+            "latency_p50_s", "latency_p95_s", "mean_batch_calls", "wer_real", "wer_generated", "peak_memory_mb",
         ],
     )  # fmt: skip
     typer.echo("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))

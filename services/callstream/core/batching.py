@@ -1,8 +1,9 @@
 """One dynamic batcher in front of each model, shared by the gRPC and the Kafka path.
 
 Callers `await batcher.submit(item)`; a single worker task gathers items until `max_batch_size` are
-waiting or `max_wait_ms` has passed since the first one, then runs the model function on the whole
-batch in a worker thread (so the event loop keeps serving gRPC and Kafka while the model runs).
+waiting, `max_wait_ms` has passed since the first one or, when set, `max_idle_ms` since the last one,
+then runs the model function on the whole batch in a worker thread (so the event loop keeps serving gRPC
+and Kafka while the model runs).
 New items queue up while a batch runs and form the next batch: the model is never idle while work waits.
 
 A batch function reports a per-item failure by returning the exception in that item's place; if it
@@ -43,6 +44,7 @@ class DynamicBatcher(Generic[In, Out]):
         name: str,
         max_batch_size: int = 8,
         max_wait_ms: float = 10.0,
+        max_idle_ms: float | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -50,6 +52,7 @@ class DynamicBatcher(Generic[In, Out]):
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_idle_s = self.max_wait_s if max_idle_ms is None else min(max_idle_ms, max_wait_ms) / 1000.0
         self._queue: asyncio.Queue[_Pending[In, Out]] | None = None
         self._worker: asyncio.Task[None] | None = None
         # One thread: the model runs one batch at a time, which is what batching is for.
@@ -89,7 +92,7 @@ class DynamicBatcher(Generic[In, Out]):
                     batch.append(self._queue.get_nowait())
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append(await asyncio.wait_for(self._queue.get(), min(remaining, self.max_idle_s)))
             except TimeoutError:
                 break
         return [p for p in batch if not p.future.cancelled()]

@@ -84,6 +84,10 @@ class BatchSettings(BaseModel):
 
     max_batch_size: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=10.0, ge=0)
+    # Stop collecting early once no new item has come for this long (null: wait the whole max_wait_ms). With a
+    # long max_wait_ms, a burst of requests that trickles in is gathered into one batch while a lone request
+    # waits only this long.
+    max_idle_ms: float | None = Field(default=None, ge=0)
 
 
 class _YamlSection(PydanticBaseSettingsSource):

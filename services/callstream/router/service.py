@@ -63,6 +63,7 @@ class Router:
             name="router",
             max_batch_size=settings.batch.max_batch_size,
             max_wait_ms=settings.batch.max_wait_ms,
+            max_idle_ms=settings.batch.max_idle_ms,
         )
 
     @property

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,6 +164,17 @@ def pack_windows(
     return windows
 
 
+def model_batches(windows: Sequence[_Window], workers: int, batch_size: int) -> list[list[_Window]]:
+    """The model passes for `workers` parallel model workers: the windows longest first (a batch decodes until
+    its longest window is done, so similar lengths go together), dealt round-robin so that each worker gets a
+    similar share, each share cut into batches of at most `batch_size` windows."""
+    ordered = sorted(windows, key=lambda w: -w.samples)
+    batches: list[list[_Window]] = []
+    for share in (ordered[w::workers] for w in range(workers)):
+        batches += [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
+    return batches
+
+
 def _place_word(window: _Window, middle: float) -> _Piece:
     """The piece a word belongs to: the one holding its midpoint, else the nearest (words can straddle a gap)."""
     best, best_distance = window.pieces[0], float("inf")
@@ -213,7 +225,8 @@ class FasterWhisperEngine:
                 device=settings.device,
                 compute_type=settings.compute_type,
                 cpu_threads=settings.cpu_threads,
-                num_workers=1,
+                # CTranslate2 replicas (inter_threads): the windows of a batch are spread over them (_decode).
+                num_workers=settings.model_workers,
                 local_files_only=True,
             )
         except (RuntimeError, ValueError, OSError) as exc:
@@ -221,7 +234,11 @@ class FasterWhisperEngine:
                 f"cannot load the transcriber model from {str(path)!r} on device={settings.device} "
                 f"compute_type={settings.compute_type}: {exc}"
             ) from exc
-        self.pipeline = BatchedInferencePipeline(self.model)
+        # One BatchedInferencePipeline per worker thread: it keeps state between calls (last_speech_timestamp).
+        self._pipelines = threading.local()
+        self._pipeline_class = BatchedInferencePipeline
+        self._workers = ThreadPoolExecutor(settings.model_workers, thread_name_prefix="asr-model")
+        self._books = threading.Lock()  # the attributions and counters that worker threads update
         self.multilingual = bool(self.model.model.is_multilingual)
         self.model_id = f"{settings.model_name or model_display_name(path)}:{settings.compute_type}"
         self._lock = threading.Lock()
@@ -331,14 +348,16 @@ class FasterWhisperEngine:
                 for i in range(len(channel.clips)):
                     by_language.setdefault(channel.language or "en", []).append(_Piece(job, channel, i))
         s = self.settings
+        tasks: list[tuple[str, list[_Window]]] = []
         for language, pieces in by_language.items():
             windows = pack_windows(
                 pieces, max_seconds=_CHUNK_SECONDS, gap_seconds=s.pack_gap_s, across_channels=s.pack_calls
             )
-            # Similar lengths together: a batch decodes until its longest window is done.
-            windows.sort(key=lambda w: -w.samples)
-            for start in range(0, len(windows), s.chunk_batch_size):
-                self._run_batch(language, windows[start : start + s.chunk_batch_size])
+            tasks += [(language, batch) for batch in model_batches(windows, s.model_workers, s.chunk_batch_size)]
+        if len(tasks) == 1:
+            self._run_batch(*tasks[0])
+        else:
+            list(self._workers.map(lambda task: self._run_batch(*task), tasks))
 
     def _run_batch(self, language: str, windows: list[_Window], attempt: int = 0) -> None:
         windows = [w for w in windows if all(j.error is None for j in w.jobs)]
@@ -366,8 +385,9 @@ class FasterWhisperEngine:
         speech = sum(w.samples for w in windows) or 1
         missed: list[_Piece] = []
         for window, output in zip(windows, outputs, strict=True):
-            for piece in window.pieces:
-                piece.job.seconds += elapsed * piece.samples.size / speech
+            with self._books:
+                for piece in window.pieces:
+                    piece.job.seconds += elapsed * piece.samples.size / speech
             words = self._collect_words(window, output)
             shared = len({id(p.channel) for p in window.pieces}) > 1
             for piece in window.pieces:
@@ -384,7 +404,8 @@ class FasterWhisperEngine:
         if missed:
             # Decode them again: packed together once more (other neighbours; a cheap second chance), then alone.
             log.info("re-decoding %d clip(s) that a packed window passed over (attempt %d)", len(missed), attempt + 1)
-            self.repaired_clips += len(missed)
+            with self._books:
+                self.repaired_clips += len(missed)
             retry = pack_windows(
                 missed,
                 max_seconds=_CHUNK_SECONDS,
@@ -404,8 +425,11 @@ class FasterWhisperEngine:
         features = np.stack([pad_or_trim(extractor(a)[..., :-1]) for a in audio])
         metas = [{"offset": 0.0, "duration": a.size / SAMPLE_RATE, "segments": []} for a in audio]
         # Word-timing heuristics look at the last word of the previous batch: meaningless across calls.
-        self.pipeline.last_speech_timestamp = 0.0
-        outputs: list[list[dict[str, Any]]] = self.pipeline.forward(features, tokenizer, metas, options)
+        pipeline = getattr(self._pipelines, "pipeline", None)
+        if pipeline is None:
+            pipeline = self._pipelines.pipeline = self._pipeline_class(self.model)
+        pipeline.last_speech_timestamp = 0.0
+        outputs: list[list[dict[str, Any]]] = pipeline.forward(features, tokenizer, metas, options)
         return outputs
 
     def _collect_words(self, window: _Window, output: list[dict[str, Any]]) -> dict[int, list[TimedWord]]:

@@ -52,6 +52,7 @@ class Transcriber:
             name="transcriber",
             max_batch_size=settings.batch.max_batch_size,
             max_wait_ms=settings.batch.max_wait_ms,
+            max_idle_ms=settings.batch.max_idle_ms,
         )
 
     async def start(self) -> None:
