@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from callstream.transcriber.audio import SAMPLE_RATE, ChannelAudio
-from callstream.transcriber.engine import _Channel, _Job, _Piece, _place_word, _Window, model_batches, pack_windows
+from callstream.transcriber.engine import (
+    _Channel,
+    _Job,
+    _passed_over,
+    _Piece,
+    _place_word,
+    _Window,
+    model_batches,
+    pack_windows,
+)
+from callstream.transcriber.merge import TimedWord
 from callstream.v1 import events_pb2
 
 
@@ -87,3 +97,27 @@ def test_model_batches_share_the_windows_fairly_between_workers() -> None:
     # A lone window is one batch; no window, no batch.
     assert model_batches(windows[:1], workers=2, batch_size=8) == [[windows[0]]]
     assert model_batches([], workers=2, batch_size=8) == []
+
+
+@pytest.mark.parametrize(
+    ("word_spans", "passed_over"),
+    [
+        ([], True),  # no word at all in 4 s of speech
+        ([(0.3, 0.6)], True),  # one word in 4 s: under 0.5 words a second
+        ([(0.3, 0.6), (0.7, 1.0), (1.1, 1.5), (2.2, 2.6), (3.0, 3.7)], False),  # words throughout
+        ([(0.3, 0.6), (0.7, 1.0), (1.1, 1.4), (1.5, 1.8), (1.9, 2.2)], True),  # the last 1.8 s uncovered
+        ([(1.5, 1.8), (1.9, 2.2), (2.3, 2.6), (2.7, 3.0), (3.1, 3.7)], True),  # the first 1.5 s uncovered
+    ],
+)
+def test_a_clip_the_decoder_passed_over_in_whole_or_in_part(
+    word_spans: list[tuple[float, float]], passed_over: bool
+) -> None:
+    job = make_job("a", [4.0])  # one clip of 4 s at 0 s on the call's timeline
+    (piece,) = pieces_of(job)
+    words = [TimedWord(0, start, end, " w", 0.9) for start, end in word_spans]
+    assert _passed_over(piece, words) is passed_over
+
+
+def test_a_short_clip_is_never_repaired() -> None:
+    (piece,) = pieces_of(make_job("a", [0.8]))
+    assert _passed_over(piece, []) is False

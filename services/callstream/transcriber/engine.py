@@ -6,15 +6,19 @@ A batch of calls is transcribed in three steps:
 2. the clips of ALL channels of ALL calls in the batch are packed into shared windows of at most 30 s
    (`pack_windows`, clips of different channels separated by `pack_gap_s` of silence) and the windows run through
    the model `chunk_batch_size` at a time (faster-whisper's BatchedInferencePipeline.forward, greedy or beam
-   search, word timestamps on). Whisper's encoder always runs on 30 s of input, so a call with 5 s of speech alone
-   in a window costs as much as 30 s; packed, six such calls share one encoder pass. faster-whisper's
-   BatchedInferencePipeline packs the clips of ONE file this way; packing across calls is the step beyond;
+   search, word timestamps on), dealt to `model_workers` parallel CTranslate2 replicas (`model_batches`): a lone
+   call's window keeps one worker busy, a batch of many calls all of them. Whisper's encoder always runs on 30 s
+   of input, so a call with 5 s of speech alone in a window costs as much as 30 s; packed, six such calls share
+   one encoder pass. faster-whisper's BatchedInferencePipeline packs the clips of ONE file this way; packing
+   across calls is the step beyond. A clip that the decoder passed over in a shared window, in whole or at one
+   end (`_passed_over`), is decoded again: packed with the other such clips, then alone;
 3. each word goes back to the clip that holds its midpoint, onto its own call's timeline; per call, the words of
    both channels are merged by WORD time into speaker turns (merge.py).
 A call that fails (missing file, corrupt audio, over the limits) gets its exception in its place in the
 result; its batch-mates are unaffected (a failing model batch is retried window by window, then call by call).
 Transcript.processing_seconds is the engine time spent on the call: its own reading, VAD and assembly plus its
-share (by speech length) of the model batches, so that the calls of a batch add up to the batch's time.
+share (by speech length) of the model passes that decoded its speech, so that the calls of a batch add up to the
+batch's worker time (with parallel workers, more than its wall time).
 
 `callstream bench transcriber` measures what packing buys (docs/benchmarks.md).
 """
@@ -124,6 +128,9 @@ _TARGET_RMS = 0.05  # about -26 dBFS
 # (people say 2-3 words a second); clips shorter than _MIN_REPAIR_SECONDS are left alone (a cough, a "yes").
 _MIN_WORDS_PER_SECOND = 0.5
 _MIN_REPAIR_SECONDS = 1.0
+# ...or whose words leave more than this much of it uncovered at either end: Whisper tends to stop early near the
+# end of a 30 s window (a VAD clip is speech throughout; its padding is 0.2-0.4 s).
+_MAX_UNCOVERED_SECONDS = 1.0
 _GC_INTERVAL_S = 30.0
 
 
@@ -173,6 +180,17 @@ def model_batches(windows: Sequence[_Window], workers: int, batch_size: int) -> 
     for share in (ordered[w::workers] for w in range(workers)):
         batches += [share[i : i + batch_size] for i in range(0, len(share), batch_size)]
     return batches
+
+
+def _passed_over(piece: _Piece, words: Sequence[TimedWord]) -> bool:
+    """Whether the decoder skipped a clip of a packed window, or a stretch at its start or end (words are on the
+    call's timeline, like piece.start)."""
+    if piece.seconds < _MIN_REPAIR_SECONDS:
+        return False  # a cough, a "yes"
+    if len(words) < _MIN_WORDS_PER_SECOND * piece.seconds:
+        return True
+    end = piece.start + piece.seconds
+    return words[0].start - piece.start > _MAX_UNCOVERED_SECONDS or end - words[-1].end > _MAX_UNCOVERED_SECONDS
 
 
 def _place_word(window: _Window, middle: float) -> _Piece:
@@ -392,12 +410,8 @@ class FasterWhisperEngine:
             shared = len({id(p.channel) for p in window.pieces}) > 1
             for piece in window.pieces:
                 clip_words = words.get(id(piece), [])
-                if (
-                    shared
-                    and piece.seconds >= _MIN_REPAIR_SECONDS
-                    and len(clip_words) < _MIN_WORDS_PER_SECOND * piece.seconds
-                ):
-                    # Whisper sometimes passes over a clip of a packed window: decode it again.
+                if shared and _passed_over(piece, clip_words):
+                    # Whisper sometimes passes over (part of) a clip of a packed window: decode it again.
                     missed.append(_Piece(piece.job, piece.channel, piece.clip))
                 else:
                     piece.channel.words.extend(clip_words)
