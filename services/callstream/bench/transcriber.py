@@ -190,7 +190,7 @@ def _run_stats(
     }
 
 
-def run_bare(calls: list[BenchCall], settings: Any, rounds: int) -> dict[str, Any]:
+def run_bare(calls: list[BenchCall], settings: Any, rounds: int, mode: str = "bare") -> dict[str, Any]:
     """faster-whisper alone, one call at a time, each channel separately, with the service's settings."""
     from faster_whisper import BatchedInferencePipeline, WhisperModel
 
@@ -231,7 +231,7 @@ def run_bare(calls: list[BenchCall], settings: Any, rounds: int) -> dict[str, An
             latencies.append(time.perf_counter() - t0)
     wall = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return _run_stats("bare", 1, calls, hypotheses[: len(calls)], latencies, wall, rounds, peak_mb)
+    return _run_stats(mode, 1, calls, hypotheses[: len(calls)], latencies, wall, rounds, peak_mb)
 
 
 async def _service_run(
@@ -358,6 +358,13 @@ def bench_transcriber(
         ),
     ] = "mono",
     data: Annotated[Path | None, typer.Option(help="Shared data folder with audio/ (default: ../shared/data).")] = None,
+    bare_threads: Annotated[
+        str,
+        typer.Option(
+            help="Also run bare faster-whisper with these cpu_threads (comma-separated): one call at a time given "
+            "more threads, to check that the service's one-call baseline is the library's best on this machine."
+        ),
+    ] = "",
     quick: Annotated[bool, typer.Option(help="A smoke run: concurrency 1,4, one round, 8 calls.")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON file (default bench/results/transcriber.json).")] = None,
 ) -> None:
@@ -397,6 +404,10 @@ def bench_transcriber(
     typer.echo(
         f"{'bare':>16} c=1   {runs[0]['audio_seconds_per_second']:7.1f} audio s/s  WER {runs[0]['wer']}", err=True
     )
+    for threads in sorted({int(t) for t in bare_threads.split(",") if t.strip()} - {settings.cpu_threads}):
+        mode = f"bare-{threads}-threads"
+        runs.append(run_bare(calls, settings.model_copy(update={"cpu_threads": threads}), rounds, mode))
+        typer.echo(f"{mode:>16} c=1   {runs[-1]['audio_seconds_per_second']:7.1f} audio s/s", err=True)
     runs += run_service(calls, env, levels, rounds, "service")
     if unpacked and not quick:
         runs += run_service(
@@ -416,6 +427,8 @@ def bench_transcriber(
         "device": settings.device,
         "compute_type": settings.compute_type,
         "cpu_threads": settings.cpu_threads,
+        "model_workers": settings.model_workers,
+        "batch": settings.batch.model_dump(),
         "beam_size": settings.beam_size,
         "chunk_batch_size": settings.chunk_batch_size,
         "calls": [{"name": c.name, "source": c.source, "seconds": round(c.seconds, 2)} for c in calls],
