@@ -1,8 +1,9 @@
 """A StreamingTranscribe client: stream an audio file to a running transcriber as a live call would.
 
-`callstream transcribe-stream FILE` (registered in callstream/cli.py) prints interim and final results as they
-arrive, then the call's Transcript and the latency of the final results. The integration tests use
-`stream_audio` too, so what they measure is what a person running the command sees.
+`callstream transcribe-stream FILE` prints interim and final results as they arrive, then the call's Transcript
+and the latency of the final results. Its options are declared once, in callstream/cli.py, which imports this
+module only when the command runs (PyAV and faster-whisper stay out of every other command's start-up). The
+integration tests use `stream_audio` too, so what they measure is what a person running the command sees.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import typer
@@ -132,16 +132,14 @@ def _format_result(event: StreamEvent, result: events_pb2.StreamingResult) -> st
 
 
 def transcribe_stream_command(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="An audio file; stereo: agent, customer.")],
-    address: Annotated[str, typer.Option(help="HOST:PORT of a running transcriber.")] = "127.0.0.1:50051",
-    chunk_ms: Annotated[float, typer.Option(min=10, help="Milliseconds of audio per request.")] = 200,
-    realtime: Annotated[
-        bool, typer.Option("--realtime/--fast", help="Send at the pace of speech, or as fast as possible.")
-    ] = True,
-    encoding: Annotated[str, typer.Option(help="linear16 (16 kHz), mulaw or alaw (8 kHz telephony).")] = "linear16",
-    interim: Annotated[bool, typer.Option("--interim/--no-interim", help="Ask for interim results.")] = True,
-    roles: Annotated[str | None, typer.Option(help="Channel roles, e.g. 'agent,customer'.")] = None,
-    call_id: Annotated[str | None, typer.Option(help="Call id (default: the file name).")] = None,
+    file: Path,
+    address: str,
+    chunk_ms: float,
+    realtime: bool,
+    encoding: str,
+    interim: bool,
+    roles: str | None,
+    call_id: str | None,
 ) -> None:
     """Stream FILE to a transcriber's StreamingTranscribe like a live call; print interim and final results."""
     from callstream.transcriber.cli import format_transcript, parse_roles
