@@ -30,6 +30,7 @@ import asyncio
 import io
 import json
 import os
+import random
 import resource
 import time
 import wave
@@ -235,7 +236,7 @@ def run_bare(calls: list[BenchCall], settings: Any, rounds: int, mode: str = "ba
 
 
 async def _service_run(
-    address: str, calls: list[BenchCall], concurrency: int, rounds: int
+    address: str, calls: list[BenchCall], concurrency: int, rounds: int, seed: int | None = None
 ) -> tuple[list[dict[int, str]], list[float], float]:
     import grpc
 
@@ -263,6 +264,8 @@ async def _service_run(
         hypotheses: list[dict[int, str]] = [{} for _ in calls]
         latencies: list[float] = []
         queue = [i for _ in range(rounds) for i in range(len(calls))]
+        if seed is not None:  # another order: other batch-mates for every call
+            random.Random(seed).shuffle(queue)
         position = 0
 
         async def worker() -> None:
@@ -308,7 +311,12 @@ def _batch_totals(metrics_port: int) -> tuple[float, float]:
 
 
 def run_service(
-    calls: list[BenchCall], settings_env: dict[str, str], concurrencies: list[int], rounds: int, mode: str
+    calls: list[BenchCall],
+    settings_env: dict[str, str],
+    concurrencies: list[int],
+    rounds: int,
+    mode: str,
+    wer_shuffles: int = 0,
 ) -> list[dict[str, Any]]:
     from callstream.core.broker import free_port
     from callstream.core.stack import ServiceProcess
@@ -335,6 +343,16 @@ def run_service(
                 f"WER {runs[-1]['wer']}  {runs[-1]['mean_batch_calls']} calls per batch",
                 err=True,
             )
+        if wer_shuffles and max(concurrencies) > 1:
+            # Which calls share a window changes the words a little: WER over other batch compositions.
+            top = max(concurrencies)
+            wers = []
+            for seed in range(wer_shuffles):
+                hypotheses, _, _ = asyncio.run(_service_run(server.address, calls, top, 1, seed))
+                wers.append(_wer(calls, hypotheses, None))
+            run = next(r for r in runs if r["concurrency"] == top)
+            run["wer_shuffled"] = wers
+            typer.echo(f"{mode:>16} c={top:<3} WER in {wer_shuffles} other call orders: {wers}", err=True)
     finally:
         server.stop()
     return runs
@@ -365,6 +383,14 @@ def bench_transcriber(
             "more threads, to check that the service's one-call baseline is the library's best on this machine."
         ),
     ] = "",
+    wer_shuffles: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also transcribe the workload this many times more at the highest concurrency, in shuffled orders "
+            "(other batch-mates per call), and report the WER of each: what packing does to accuracy on average.",
+        ),
+    ] = 0,
     quick: Annotated[bool, typer.Option(help="A smoke run: concurrency 1,4, one round, 8 calls.")] = False,
     out: Annotated[Path | None, typer.Option(help="JSON file (default bench/results/transcriber.json).")] = None,
 ) -> None:
@@ -408,7 +434,7 @@ def bench_transcriber(
         mode = f"bare-{threads}-threads"
         runs.append(run_bare(calls, settings.model_copy(update={"cpu_threads": threads}), rounds, mode))
         typer.echo(f"{mode:>16} c=1   {runs[-1]['audio_seconds_per_second']:7.1f} audio s/s", err=True)
-    runs += run_service(calls, env, levels, rounds, "service")
+    runs += run_service(calls, env, levels, rounds, "service", 0 if quick else wer_shuffles)
     if unpacked and not quick:
         runs += run_service(
             calls, {**env, "CALLSTREAM_TRANSCRIBER_PACK_CALLS": "false"}, [max(levels)], rounds, "service-unpacked"
