@@ -9,9 +9,11 @@ reference text:
   (`--channels mono`, the default) or stereo with one party per channel (`--channels stereo`).
 
 In one run, on one machine:
-- "bare": faster-whisper's own BatchedInferencePipeline.transcribe on each call in this process, one call at a time
-  (each channel of a stereo call separately, as faster-whisper users do), with the service's settings: model,
-  compute type, threads, beam size, VAD, word timestamps, batch size;
+- "bare": faster-whisper's own BatchedInferencePipeline.transcribe on each call's WAV bytes (the bytes the service
+  gets) in this process, one call at a time (each channel of a stereo call separately, as faster-whisper users
+  do), with the service's settings: model, compute type, threads, beam size, VAD, word timestamps, batch size.
+  Its rounds alternate with the service's rounds at one call in flight, so that a drift of the machine's speed
+  during the run hits both alike; `--bare-threads` adds the library given more threads;
 - "service": Transcribe RPCs to a `callstream serve transcriber` child process (Kafka off, PII redaction off so that
   WER compares words), `concurrency` calls in flight, for each value of --concurrency;
 - "service-unpacked": the same at the highest concurrency with pack_calls=false (one channel per 30 s window, as
@@ -34,6 +36,7 @@ import random
 import resource
 import time
 import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -191,48 +194,64 @@ def _run_stats(
     }
 
 
-def run_bare(calls: list[BenchCall], settings: Any, rounds: int, mode: str = "bare") -> dict[str, Any]:
-    """faster-whisper alone, one call at a time, each channel separately, with the service's settings."""
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
+class BareFasterWhisper:
+    """faster-whisper alone, one call at a time, each channel separately, with the service's settings, starting
+    like the service from each call's WAV bytes (reading the audio is part of what a call costs)."""
 
-    model = WhisperModel(
-        str(settings.model_path),
-        device=settings.device,
-        compute_type=settings.compute_type,
-        cpu_threads=settings.cpu_threads,
-        num_workers=1,
-        local_files_only=True,
-    )
-    pipeline = BatchedInferencePipeline(model)
-    language = settings.language or ("en" if not model.model.is_multilingual else None)
+    def __init__(self, calls: list[BenchCall], settings: Any, mode: str = "bare") -> None:
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-    def transcribe(call: BenchCall) -> dict[int, str]:
+        self.calls, self.settings, self.mode = calls, settings, mode
+        self.payloads = [c.wav_bytes() for c in calls]
+        model = WhisperModel(
+            str(settings.model_path),
+            device=settings.device,
+            compute_type=settings.compute_type,
+            cpu_threads=settings.cpu_threads,
+            num_workers=1,
+            local_files_only=True,
+        )
+        self.pipeline = BatchedInferencePipeline(model)
+        self.language = settings.language or ("en" if not model.model.is_multilingual else None)
+        self.hypotheses: list[dict[int, str]] = [{} for _ in calls]
+        self.latencies: list[float] = []
+        self.wall = 0.0
+        self.rounds = 0
+        self.transcribe(0)  # warm-up, as the service's first call
+
+    def transcribe(self, i: int) -> dict[int, str]:
+        from faster_whisper import decode_audio
+
+        wav = io.BytesIO(self.payloads[i])
+        # Mono: the file itself, as faster-whisper users call it. Stereo: its two channels one by one.
+        inputs = decode_audio(wav, split_stereo=True) if len(self.calls[i].channels) > 1 else (wav,)
         texts: dict[int, str] = {}
-        for channel, samples in enumerate(call.channels):
-            segments, _ = pipeline.transcribe(
-                samples,
-                language=language,
-                beam_size=settings.beam_size,
-                batch_size=settings.chunk_batch_size,
+        for channel, audio in enumerate(inputs):
+            segments, _ = self.pipeline.transcribe(
+                audio,
+                language=self.language,
+                beam_size=self.settings.beam_size,
+                batch_size=self.settings.chunk_batch_size,
                 word_timestamps=True,
-                vad_filter=settings.vad_filter,
+                vad_filter=self.settings.vad_filter,
                 without_timestamps=False,  # as the service decodes (engine.py)
             )
             texts[channel] = "".join(w.word for s in segments for w in s.words or [])
         return texts
 
-    transcribe(calls[0])  # warm-up, as the service's first call
-    hypotheses: list[dict[int, str]] = []
-    latencies: list[float] = []
-    started = time.perf_counter()
-    for _ in range(rounds):
-        for call in calls:
+    def round(self) -> None:
+        """The whole workload once."""
+        started = time.perf_counter()
+        for i in range(len(self.calls)):
             t0 = time.perf_counter()
-            hypotheses.append(transcribe(call))
-            latencies.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return _run_stats(mode, 1, calls, hypotheses[: len(calls)], latencies, wall, rounds, peak_mb)
+            self.hypotheses[i] = self.transcribe(i)
+            self.latencies.append(time.perf_counter() - t0)
+        self.wall += time.perf_counter() - started
+        self.rounds += 1
+
+    def stats(self) -> dict[str, Any]:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return _run_stats(self.mode, 1, self.calls, self.hypotheses, self.latencies, self.wall, self.rounds, peak_mb)
 
 
 async def _service_run(
@@ -317,7 +336,10 @@ def run_service(
     rounds: int,
     mode: str,
     wer_shuffles: int = 0,
+    paired: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """The service at each concurrency. `paired` (the bare library's round) runs before each of the service's
+    rounds at concurrency 1, so that the two alternate and any drift of the machine's speed hits both alike."""
     from callstream.core.broker import free_port
     from callstream.core.stack import ServiceProcess
 
@@ -331,7 +353,19 @@ def run_service(
         assert server.proc is not None
         for concurrency in concurrencies:
             calls_before, batches_before = _batch_totals(metrics_port)
-            hypotheses, latencies, wall = asyncio.run(_service_run(server.address, calls, concurrency, rounds))
+            hypotheses: list[dict[int, str]]
+            latencies: list[float]
+            if concurrency == 1 and paired is not None:
+                hypotheses, latencies, wall = [], [], 0.0
+                for _ in range(rounds):
+                    paired()
+                    hypotheses, round_latencies, round_wall = asyncio.run(
+                        _service_run(server.address, calls, concurrency, 1)
+                    )
+                    latencies += round_latencies
+                    wall += round_wall
+            else:
+                hypotheses, latencies, wall = asyncio.run(_service_run(server.address, calls, concurrency, rounds))
             peak = _peak_rss_mb(server.proc.pid)
             runs.append(_run_stats(mode, concurrency, calls, hypotheses, latencies, wall, rounds, peak))
             calls_after, batches_after = _batch_totals(metrics_port)
@@ -426,15 +460,26 @@ def bench_transcriber(
         "CALLSTREAM_TRANSCRIBER_PII_REDACTION": "off",  # WER compares words; digits would be masked
         "CALLSTREAM_TRANSCRIBER_BATCH__MAX_BATCH_SIZE": str(max(max(levels), settings.batch.max_batch_size)),
     }
-    runs = [run_bare(calls, settings, rounds)]
+    runs: list[dict[str, Any]] = []
+    for threads in sorted({int(t) for t in bare_threads.split(",") if t.strip()} - {settings.cpu_threads}):
+        more = BareFasterWhisper(calls, settings.model_copy(update={"cpu_threads": threads}), f"bare-{threads}-threads")
+        for _ in range(rounds):
+            more.round()
+        runs.append(more.stats())
+        typer.echo(f"{more.mode:>16} c=1   {runs[-1]['audio_seconds_per_second']:7.1f} audio s/s", err=True)
+        del more
+    # The bare library's rounds alternate with the service's at one call in flight (run_service's `paired`).
+    bare = BareFasterWhisper(calls, settings)
+    service_runs = run_service(
+        calls, env, levels, rounds, "service", 0 if quick else wer_shuffles, paired=bare.round if 1 in levels else None
+    )
+    while bare.rounds < rounds:  # no one-call service run to alternate with
+        bare.round()
+    runs.insert(0, bare.stats())
     typer.echo(
         f"{'bare':>16} c=1   {runs[0]['audio_seconds_per_second']:7.1f} audio s/s  WER {runs[0]['wer']}", err=True
     )
-    for threads in sorted({int(t) for t in bare_threads.split(",") if t.strip()} - {settings.cpu_threads}):
-        mode = f"bare-{threads}-threads"
-        runs.append(run_bare(calls, settings.model_copy(update={"cpu_threads": threads}), rounds, mode))
-        typer.echo(f"{mode:>16} c=1   {runs[-1]['audio_seconds_per_second']:7.1f} audio s/s", err=True)
-    runs += run_service(calls, env, levels, rounds, "service", 0 if quick else wer_shuffles)
+    runs += service_runs
     if unpacked and not quick:
         runs += run_service(
             calls, {**env, "CALLSTREAM_TRANSCRIBER_PACK_CALLS": "false"}, [max(levels)], rounds, "service-unpacked"
