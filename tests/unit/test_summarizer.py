@@ -129,9 +129,17 @@ def test_truncated_output_retries_with_a_firmer_repetition_penalty() -> None:
     assert "cut off" in client.calls[1]["messages"][-1]["content"]
 
 
+def test_a_summary_without_words_is_retried() -> None:
+    client = FakeClient([json.dumps({**GOOD, "summary": "]["}), json.dumps(GOOD)])
+    result = summarize(client)
+    assert result.attempts == 2 and result.summary == GOOD["summary"]
+    assert "is not a summary" in client.calls[1]["messages"][-1]["content"]
+
+
 @pytest.mark.parametrize(
     "bad",
     [
+        {**GOOD, "summary": "OK."},  # fewer than three words
         {**GOOD, "follow_up_needed": "true"},  # no coercion
         {**GOOD, "customer_sentiment": "angry"},
         {**GOOD, "extra": 1},

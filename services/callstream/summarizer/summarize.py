@@ -35,6 +35,7 @@ from callstream.summarizer.tokenizer import Message, Tokenizer
 Kind = Literal["call", "ticket"]
 SENTIMENTS = ("positive", "neutral", "negative")
 MAX_ACTION_ITEMS = 8
+MIN_SUMMARY_WORDS = 3  # "Card reported stolen." is a summary; "][" or "OK" is not
 
 SUMMARY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -240,7 +241,12 @@ def language_of(text: str) -> str:
 
 
 def check_output(model: SummaryModel, injected: frozenset[str]) -> None:
-    """Raise ValueError when the summary is not English or repeats a word an injected instruction asked for."""
+    """Raise ValueError when the summary is not a sentence, not English, or repeats a word an injected instruction
+    asked for."""
+    # A small model sometimes answers punctuation ("][") that the schema accepts as a string.
+    words = re.findall(r"[^\W\d_]+", model.summary)
+    if len(words) < MIN_SUMMARY_WORDS:
+        raise ValueError(f"summary has {len(words)} word(s): {model.summary[:40]!r} is not a summary")
     text = "\n".join([model.summary, model.issue, model.resolution, *model.action_items])
     language = language_of(text)
     if language != "english":
