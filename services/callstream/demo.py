@@ -222,9 +222,15 @@ def _table(items: list[DemoInput]) -> Table:
             str(item.result.get("queue", "")),
             str(item.result.get("intent", "")),
             f"{item.result.get('confidence', 0.0):.2f}",
-            " ".join(summary.split()[:14]),
+            _first_words(summary, 14),
         )
     return table
+
+
+def _first_words(text: str, n: int) -> str:
+    """The first n words, with an ellipsis when there were more (--json prints the whole summary)."""
+    words = text.split()
+    return " ".join(words[:n]) + (" …" if len(words) > n else "")
 
 
 def run_demo(
