@@ -44,6 +44,9 @@ def test_quick_benchmark_writes_runs_ratios_table_and_plot(tmp_path: Path) -> No
     # One call at a time is one call per batch; four in flight are batched together.
     assert runs[("service", 1)]["mean_batch_calls"] == 1.0
     assert runs[("service", 4)]["mean_batch_calls"] > 1.5
+    # Packed: four calls in flight need fewer 30 s windows than one at a time.
+    assert 0 < runs[("service", 4)]["model_windows"] < runs[("service", 1)]["model_windows"]
+    assert runs[("service", 1)]["clips_redecoded"] == 0  # a lone mono call shares its windows with nobody
     assert set(payload["ratios"]) == {"service_c1_over_bare", "service_c4_over_service_c1"}
     assert payload["meta"]["model_workers"] >= 1 and payload["meta"]["batch"]["max_batch_size"] >= 4
     assert out.with_suffix(".png").stat().st_size > 1000

@@ -51,7 +51,7 @@ def print_table(
     for run in runs:
         table.add_row(*(_fmt(run.get(c)) for c in columns))
     # Piped output (a log, CI) would otherwise be cut to 80 columns and abbreviate every header.
-    (console or Console(width=None if sys.stdout.isatty() else 200)).print(table)
+    (console or Console(width=None if sys.stdout.isatty() else 320)).print(table)
 
 
 def _fmt(value: Any) -> str:

@@ -313,20 +313,27 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _batch_totals(metrics_port: int) -> tuple[float, float]:
-    """The transcriber batcher's (calls, batches) so far, from the service's Prometheus endpoint."""
+def _service_counters(metrics_port: int) -> dict[str, float]:
+    """The transcriber's batch, window and re-decoding counters so far, from its Prometheus endpoint."""
     from urllib.request import urlopen
 
     from prometheus_client.parser import text_string_to_metric_families
 
     with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:  # noqa: S310 - loopback
         text = response.read().decode()
-    totals = {"callstream_batch_size_sum": 0.0, "callstream_batch_size_count": 0.0}
+    totals = {"calls": 0.0, "batches": 0.0, "windows": 0.0, "clips_redecoded": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in totals and sample.labels.get("batcher") == "transcriber":
-                totals[sample.name] = sample.value
-    return totals["callstream_batch_size_sum"], totals["callstream_batch_size_count"]
+            if sample.labels.get("batcher") == "transcriber":
+                if sample.name == "callstream_batch_size_sum":
+                    totals["calls"] = sample.value
+                elif sample.name == "callstream_batch_size_count":
+                    totals["batches"] = sample.value
+            elif sample.name == "callstream_transcriber_windows_total":
+                totals["windows"] += sample.value
+            elif sample.name == "callstream_transcriber_clips_redecoded_total":
+                totals["clips_redecoded"] = sample.value
+    return totals
 
 
 def run_service(
@@ -352,7 +359,7 @@ def run_service(
         server.wait_ready(600)
         assert server.proc is not None
         for concurrency in concurrencies:
-            calls_before, batches_before = _batch_totals(metrics_port)
+            before = _service_counters(metrics_port)
             hypotheses: list[dict[int, str]]
             latencies: list[float]
             if concurrency == 1 and paired is not None:
@@ -368,13 +375,16 @@ def run_service(
                 hypotheses, latencies, wall = asyncio.run(_service_run(server.address, calls, concurrency, rounds))
             peak = _peak_rss_mb(server.proc.pid)
             runs.append(_run_stats(mode, concurrency, calls, hypotheses, latencies, wall, rounds, peak))
-            calls_after, batches_after = _batch_totals(metrics_port)
-            # Calls per engine batch (the warm-up call included): how full the batches the service formed were.
-            batches = max(batches_after - batches_before, 1)
-            runs[-1]["mean_batch_calls"] = round((calls_after - calls_before) / batches, 2)
+            done = {k: v - before[k] for k, v in _service_counters(metrics_port).items()}
+            # Calls per engine batch (the warm-up call included): how full the batches the service formed were;
+            # windows through the model, and clips that a shared window passed over and were decoded again.
+            runs[-1]["mean_batch_calls"] = round(done["calls"] / max(done["batches"], 1), 2)
+            runs[-1]["model_windows"] = int(done["windows"])
+            runs[-1]["clips_redecoded"] = int(done["clips_redecoded"])
             typer.echo(
                 f"{mode:>16} c={concurrency:<3} {runs[-1]['audio_seconds_per_second']:7.1f} audio s/s  "
-                f"WER {runs[-1]['wer']}  {runs[-1]['mean_batch_calls']} calls per batch",
+                f"WER {runs[-1]['wer']}  {runs[-1]['mean_batch_calls']} calls per batch, "
+                f"{runs[-1]['model_windows']} windows, {runs[-1]['clips_redecoded']} clips re-decoded",
                 err=True,
             )
         if wer_shuffles and max(concurrencies) > 1:
@@ -516,7 +526,8 @@ def bench_transcriber(
         runs,
         [
             "mode", "concurrency", "audio_seconds_per_second", "real_time_factor", "calls_per_minute",
-            "latency_p50_s", "latency_p95_s", "mean_batch_calls", "wer_real", "wer_generated", "peak_memory_mb",
+            "latency_p50_s", "latency_p95_s", "mean_batch_calls", "model_windows", "clips_redecoded",
+            "wer_real", "wer_generated", "peak_memory_mb",
         ],
     )  # fmt: skip
     typer.echo("ratios: " + ", ".join(f"{k} {v}" for k, v in ratios.items()))

@@ -47,6 +47,15 @@ STREAMING_CHUNKS_OUT_OF_ORDER = Counter(
     ["kind"],
 )
 
+# Cross-call batching (transcriber/engine.py): how much speech went through shared windows, and how many clips the
+# decoder passed over there and had to decode again (a rising share means packing costs more than it saves).
+TRANSCRIBER_WINDOWS = Counter(
+    "callstream_transcriber_windows_total", "30 s windows run through the speech model", ["packed"]
+)
+TRANSCRIBER_CLIPS_REDECODED = Counter(
+    "callstream_transcriber_clips_redecoded_total", "Speech clips of a shared window that were decoded again"
+)
+
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics over HTTP; port 0 disables it."""

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from callstream.core import metrics
 from callstream.core.errors import ConfigError
 from callstream.transcriber.audio import SAMPLE_RATE, ChannelAudio, call_label, load_call_audio
 from callstream.transcriber.merge import TimedWord, merge_words, transcript_text
@@ -408,6 +409,7 @@ class FasterWhisperEngine:
                     piece.job.seconds += elapsed * piece.samples.size / speech
             words = self._collect_words(window, output)
             shared = len({id(p.channel) for p in window.pieces}) > 1
+            metrics.TRANSCRIBER_WINDOWS.labels("true" if shared else "false").inc()
             for piece in window.pieces:
                 clip_words = words.get(id(piece), [])
                 if shared and _passed_over(piece, clip_words):
@@ -420,6 +422,7 @@ class FasterWhisperEngine:
             log.info("re-decoding %d clip(s) that a packed window passed over (attempt %d)", len(missed), attempt + 1)
             with self._books:
                 self.repaired_clips += len(missed)
+            metrics.TRANSCRIBER_CLIPS_REDECODED.inc(len(missed))
             retry = pack_windows(
                 missed,
                 max_seconds=_CHUNK_SECONDS,
