@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from urllib.request import urlopen
 
 import pytest
 
 from callstream.core import codec, health
+from callstream.core.broker import free_port
 from callstream.core.kafka import now_timestamp
 from callstream.v1 import events_pb2
 from tests.conftest import shared, wer
@@ -23,10 +25,31 @@ SERVICE_NAMES = {
 }
 
 
+TRANSCRIBER_METRICS_PORT = free_port()
+
+
+def transcriber_counters() -> dict[str, float]:
+    """Calls and batches through the transcriber's batcher and its packed windows, from its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{TRANSCRIBER_METRICS_PORT}/metrics", timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    counters = {"calls": 0.0, "batches": 0.0, "packed_windows": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("batcher") == "transcriber" and sample.name == "callstream_batch_size_sum":
+                counters["calls"] = sample.value
+            elif sample.labels.get("batcher") == "transcriber" and sample.name == "callstream_batch_size_count":
+                counters["batches"] = sample.value
+            elif sample.name == "callstream_transcriber_windows_total" and sample.labels.get("packed") == "true":
+                counters["packed_windows"] = sample.value
+    return counters
+
+
 @pytest.fixture(scope="module")
 def stack(broker: Broker, starter_classifier: str) -> Iterator[Broker]:
     engine = broker.start_service("llm-engine")
-    broker.start_service("transcriber")
+    broker.start_service("transcriber", CALLSTREAM_TRANSCRIBER_METRICS_PORT=str(TRANSCRIBER_METRICS_PORT))
     broker.start_service("router", CALLSTREAM_ROUTER_MODEL_DIR=starter_classifier)
     broker.start_service("summarizer", CALLSTREAM_SUMMARIZER_ENGINE_ADDRESS=engine.address)
     yield broker
@@ -70,6 +93,36 @@ def test_stereo_call_is_transcribed_per_channel_with_roles(stack: Broker) -> Non
         assert all(w.end >= w.start for w in words)
         text = " ".join(s.text for s in segments)
         assert wer(references["reference_by_channel"][str(channel)], text) <= 0.05, text
+
+
+def test_calls_published_together_share_engine_batches_and_keep_their_own_words(stack: Broker) -> None:
+    """Cross-call batching on the Kafka path: short calls published at once are transcribed in shared batches and
+    packed windows (the service's own metrics say so), and each transcript holds its own call's words."""
+    references = json.loads(shared("audio", "references.json").read_text())
+    # Clips whose references spell no numbers in words (WER would count "1813" against "EIGHTEEN THIRTEEN").
+    names = ["jfk.flac", "librispeech-2412-153948-0000.flac", "stereo_diarization.wav"]
+    before = transcriber_counters()
+    items = []
+    for i, name in enumerate(names):
+        call = events_pb2.CallRecorded(
+            call_id=f"it-batch-{i}", tenant="t1", audio_uri=shared("audio", name).resolve().as_uri(), language="en"
+        )
+        items.append((call.call_id.encode(), codec.encode(call), codec.headers_for(call)))
+    stack.produce(TOPICS.calls_recorded, items)
+    wanted = {key for key, _, _ in items}
+    records = stack.consume([TOPICS.calls_transcribed], lambda rs: wanted <= {r.key for r in rs}, 300)
+    transcripts = {t.call_id: t for t in decode_all(records, events_pb2.Transcript)}
+    for i, name in enumerate(names):
+        transcript = transcripts[f"it-batch-{i}"]
+        by_channel = references[name].get("reference_by_channel", {"0": references[name].get("reference")})
+        for channel, reference in by_channel.items():
+            text = " ".join(s.text for s in transcript.segments if s.channel == int(channel))
+            assert wer(reference, text) <= 0.1, (name, channel, text)
+    after = transcriber_counters()
+    calls, batches = after["calls"] - before["calls"], after["batches"] - before["batches"]
+    assert calls == len(names)
+    assert batches < len(names), f"{len(names)} calls published together ran in {batches:.0f} batches"
+    assert after["packed_windows"] > before["packed_windows"]
 
 
 def test_a_call_and_a_ticket_reach_summaries(stack: Broker, tmp_path_factory: pytest.TempPathFactory) -> None:
