@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from urllib.request import urlopen
 
 import pytest
 
+from callstream.bench.transcriber import service_counters
 from callstream.core import codec, health
 from callstream.core.broker import free_port
 from callstream.core.kafka import now_timestamp
@@ -26,24 +26,6 @@ SERVICE_NAMES = {
 
 
 TRANSCRIBER_METRICS_PORT = free_port()
-
-
-def transcriber_counters() -> dict[str, float]:
-    """Calls and batches through the transcriber's batcher and its packed windows, from its /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urlopen(f"http://127.0.0.1:{TRANSCRIBER_METRICS_PORT}/metrics", timeout=10) as response:  # noqa: S310
-        text = response.read().decode()
-    counters = {"calls": 0.0, "batches": 0.0, "packed_windows": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.labels.get("batcher") == "transcriber" and sample.name == "callstream_batch_size_sum":
-                counters["calls"] = sample.value
-            elif sample.labels.get("batcher") == "transcriber" and sample.name == "callstream_batch_size_count":
-                counters["batches"] = sample.value
-            elif sample.name == "callstream_transcriber_windows_total" and sample.labels.get("packed") == "true":
-                counters["packed_windows"] = sample.value
-    return counters
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +83,7 @@ def test_calls_published_together_share_engine_batches_and_keep_their_own_words(
     references = json.loads(shared("audio", "references.json").read_text())
     # Clips whose references spell no numbers in words (WER would count "1813" against "EIGHTEEN THIRTEEN").
     names = ["jfk.flac", "librispeech-2412-153948-0000.flac", "stereo_diarization.wav"]
-    before = transcriber_counters()
+    before = service_counters(TRANSCRIBER_METRICS_PORT)
     items = []
     for i, name in enumerate(names):
         call = events_pb2.CallRecorded(
@@ -118,7 +100,7 @@ def test_calls_published_together_share_engine_batches_and_keep_their_own_words(
         for channel, reference in by_channel.items():
             text = " ".join(s.text for s in transcript.segments if s.channel == int(channel))
             assert wer(reference, text) <= 0.1, (name, channel, text)
-    after = transcriber_counters()
+    after = service_counters(TRANSCRIBER_METRICS_PORT)
     calls, batches = after["calls"] - before["calls"], after["batches"] - before["batches"]
     assert calls == len(names)
     assert batches < len(names), f"{len(names)} calls published together ran in {batches:.0f} batches"

@@ -313,7 +313,7 @@ def _peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def _service_counters(metrics_port: int) -> dict[str, float]:
+def service_counters(metrics_port: int) -> dict[str, float]:
     """The transcriber's batch, window and re-decoding counters so far, from its Prometheus endpoint."""
     from urllib.request import urlopen
 
@@ -321,7 +321,7 @@ def _service_counters(metrics_port: int) -> dict[str, float]:
 
     with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:  # noqa: S310 - loopback
         text = response.read().decode()
-    totals = {"calls": 0.0, "batches": 0.0, "windows": 0.0, "clips_redecoded": 0.0}
+    totals = {"calls": 0.0, "batches": 0.0, "windows": 0.0, "packed_windows": 0.0, "clips_redecoded": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.labels.get("batcher") == "transcriber":
@@ -331,6 +331,8 @@ def _service_counters(metrics_port: int) -> dict[str, float]:
                     totals["batches"] = sample.value
             elif sample.name == "callstream_transcriber_windows_total":
                 totals["windows"] += sample.value
+                if sample.labels.get("packed") == "true":
+                    totals["packed_windows"] = sample.value
             elif sample.name == "callstream_transcriber_clips_redecoded_total":
                 totals["clips_redecoded"] = sample.value
     return totals
@@ -359,7 +361,7 @@ def run_service(
         server.wait_ready(600)
         assert server.proc is not None
         for concurrency in concurrencies:
-            before = _service_counters(metrics_port)
+            before = service_counters(metrics_port)
             hypotheses: list[dict[int, str]]
             latencies: list[float]
             if concurrency == 1 and paired is not None:
@@ -375,7 +377,7 @@ def run_service(
                 hypotheses, latencies, wall = asyncio.run(_service_run(server.address, calls, concurrency, rounds))
             peak = _peak_rss_mb(server.proc.pid)
             runs.append(_run_stats(mode, concurrency, calls, hypotheses, latencies, wall, rounds, peak))
-            done = {k: v - before[k] for k, v in _service_counters(metrics_port).items()}
+            done = {k: v - before[k] for k, v in service_counters(metrics_port).items()}
             # Calls per engine batch (the warm-up call included): how full the batches the service formed were;
             # windows through the model, and clips that a shared window passed over and were decoded again.
             runs[-1]["mean_batch_calls"] = round(done["calls"] / max(done["batches"], 1), 2)
