@@ -265,7 +265,15 @@ class FasterWhisperEngine:
         self.repaired_clips = 0  # clips decoded again on their own after a packed window passed over them
         self._tokenizers: dict[str, Any] = {}
         self._options: dict[str, Any] = {}
-        log.info("transcriber: loaded %s from %s in %.1f s", self.model_id, path, time.perf_counter() - started)
+        log.info(
+            "transcriber: loaded %s from %s in %.1f s (%d model worker(s) x %d thread(s), %s)",
+            self.model_id,
+            path,
+            time.perf_counter() - started,
+            settings.model_workers,
+            settings.cpu_threads,
+            settings.device,
+        )
 
     # -- the AsrEngine protocol ---------------------------------------------------------------------------------
 
