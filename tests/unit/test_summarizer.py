@@ -139,7 +139,7 @@ def test_a_summary_without_words_is_retried() -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        {**GOOD, "summary": "OK."},  # fewer than three words
+        {**GOOD, "summary": "OK."},  # fewer than two words
         {**GOOD, "follow_up_needed": "true"},  # no coercion
         {**GOOD, "customer_sentiment": "angry"},
         {**GOOD, "extra": 1},

@@ -35,7 +35,7 @@ from callstream.summarizer.tokenizer import Message, Tokenizer
 Kind = Literal["call", "ticket"]
 SENTIMENTS = ("positive", "neutral", "negative")
 MAX_ACTION_ITEMS = 8
-MIN_SUMMARY_WORDS = 3  # "Card reported stolen." is a summary; "][" or "OK" is not
+MIN_SUMMARY_WORDS = 2  # "Card stolen." is a (terse) summary; "][" or "OK." is not
 
 SUMMARY_SCHEMA: dict[str, Any] = {
     "type": "object",
