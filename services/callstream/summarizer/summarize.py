@@ -385,13 +385,15 @@ class Summarizer:
             latency += generation.latency_s
             try:
                 if generation.finish_reason == "length":
-                    # Usually a loop (greedy decoding of a small model): retry with a firmer repetition penalty.
-                    penalty = max(penalty or 1.0, self.retry_repetition_penalty)
                     raise ValueError(f"cut off at max_output_tokens={self.max_output_tokens}")
                 model = parse_summary(generation.text)
                 check_output(model, injected)
             except ValueError as exc:
                 reason = str(exc)[:MAX_REASON_CHARS]
+                # Greedy decoding of a small model that went wrong once tends to go wrong again on a similar
+                # prompt (measured: a "][" answer, then a loop to max_output_tokens): retry with a firmer
+                # repetition penalty.
+                penalty = max(penalty or 1.0, self.retry_repetition_penalty)
                 continue
             return SummaryResult(
                 summary=model.summary.strip(),
