@@ -230,9 +230,14 @@ _FUNCTION_WORDS = {
 }
 
 
+def _letter_words(text: str) -> list[str]:
+    """The runs of letters in `text` (digits, underscores and punctuation split them)."""
+    return re.findall(r"[^\W\d_]+", text)
+
+
 def language_of(text: str) -> str:
     """The language whose function words are most frequent in `text` ("english" on a tie or too few words)."""
-    words = re.findall(r"[^\W\d_]+", text.lower())
+    words = _letter_words(text.lower())
     counts = {lang: sum(1 for w in words if w in fw) for lang, fw in _FUNCTION_WORDS.items()}
     best = max(counts, key=lambda lang: counts[lang])
     if counts[best] < 2 or counts[best] <= counts["english"]:
@@ -244,7 +249,7 @@ def check_output(model: SummaryModel, injected: frozenset[str]) -> None:
     """Raise ValueError when the summary is not a sentence, not English, or repeats a word an injected instruction
     asked for."""
     # A small model sometimes answers punctuation ("][") that the schema accepts as a string.
-    words = re.findall(r"[^\W\d_]+", model.summary)
+    words = _letter_words(model.summary)
     if len(words) < MIN_SUMMARY_WORDS:
         raise ValueError(f"summary has {len(words)} word(s): {model.summary[:40]!r} is not a summary")
     text = "\n".join([model.summary, model.issue, model.resolution, *model.action_items])

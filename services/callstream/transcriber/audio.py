@@ -209,11 +209,13 @@ def _as_input(source: str | bytes) -> str | BinaryIO:
 
 def probe(source: str | bytes, who: str, what: str) -> tuple[int, float | None]:
     """(channels, duration in seconds if the container says) of the first audio stream."""
+    with _open_container(source, who, what) as container:
+        return _stream_info(container, who, what)
+
+
+def _open_container(source: str | bytes, who: str, what: str) -> av.container.InputContainer:
     try:
-        with av.open(_as_input(source), mode="r", metadata_errors="ignore") as container:
-            return _stream_info(container, who, what)
-    except AudioDecodeError:
-        raise
+        return av.open(_as_input(source), mode="r", metadata_errors="ignore")
     except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
         raise AudioDecodeError(f"{who}: {what} is not decodable audio ({_reason(exc)})") from exc
 
@@ -305,11 +307,7 @@ def load_call_audio(
         source = raw_as_wav(raw, encoding, call.raw_sample_rate_hz, call.raw_channel_count or 1)
         what = f"{what} ({encoding}, {call.raw_sample_rate_hz or RAW_ENCODINGS[encoding][2]} Hz)"
     # One open for the stream's facts and its samples (a second open costs 4 ms a call).
-    try:
-        container = av.open(_as_input(source), mode="r", metadata_errors="ignore")
-    except (av.FFmpegError, OSError, ValueError, EOFError) as exc:
-        raise AudioDecodeError(f"{who}: {what} is not decodable audio ({_reason(exc)})") from exc
-    with container:
+    with _open_container(source, who, what) as container:
         n_channels, est_seconds = _stream_info(container, who, what)
         if est_seconds is not None and est_seconds > max_seconds * 1.01:
             raise InvalidInputError(f"{who}: {what} is {est_seconds:.0f} s long, over the limit of {max_seconds:.0f} s")

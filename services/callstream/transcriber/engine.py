@@ -257,12 +257,11 @@ class FasterWhisperEngine:
         self._pipelines = threading.local()
         self._pipeline_class = BatchedInferencePipeline
         self._workers = ThreadPoolExecutor(settings.model_workers, thread_name_prefix="asr-model")
-        self._books = threading.Lock()  # the attributions and counters that worker threads update
+        self._books = threading.Lock()  # the per-call time attributions that worker threads update
         self.multilingual = bool(self.model.model.is_multilingual)
         self.model_id = f"{settings.model_name or model_display_name(path)}:{settings.compute_type}"
         self._lock = threading.Lock()
         self._last_gc = time.monotonic()
-        self.repaired_clips = 0  # clips decoded again on their own after a packed window passed over them
         self._tokenizers: dict[str, Any] = {}
         self._options: dict[str, Any] = {}
         log.info(
@@ -428,8 +427,6 @@ class FasterWhisperEngine:
         if missed:
             # Decode them again: packed together once more (other neighbours; a cheap second chance), then alone.
             log.info("re-decoding %d clip(s) that a packed window passed over (attempt %d)", len(missed), attempt + 1)
-            with self._books:
-                self.repaired_clips += len(missed)
             metrics.TRANSCRIBER_CLIPS_REDECODED.inc(len(missed))
             retry = pack_windows(
                 missed,
